@@ -1,0 +1,54 @@
+"""Files a user keeps: safetensors plus JSON metadata, written atomically (temp file in
+the same folder, fsync, rename). Nothing here unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _st_save
+
+__all__ = ["atomic_write_bytes", "save_tensors", "load_tensors"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """Write ``tensors`` as one safetensors file; ``metadata`` (JSON-serialisable) is stored
+    under the header key ``"semisparse"``."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"semisparse": json.dumps(metadata or {}, sort_keys=True)}
+    atomic_write_bytes(path, _st_save(flat, metadata=meta))
+
+
+def load_tensors(path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        header = f.metadata() or {}
+        for k in f.keys():
+            out[k] = f.get_tensor(k)
+    meta = json.loads(header.get("semisparse", "{}"))
+    return out, meta
