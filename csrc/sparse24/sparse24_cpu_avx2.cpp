@@ -6,7 +6,7 @@
 //  * M <= kGemvMaxM (decode sizes, memory bound): each output row streams its values and
 //    metadata once; every block of 8 kept values (16 columns) turns its 16 metadata bits
 //    into a permutation that gathers the matching 8 entries of x from two 8-wide loads.
-//  * larger M (compute bound): x is packed once into fp32 panels of 8 or 16 rows,
+//  * larger M (compute bound): x is packed once into fp32 panels of 24 rows (8 or 16 for the last),
 //    transposed (panel[k][0..W)), so one kept weight w at column k contributes
 //    w * panel[k][:] to W accumulator lanes: a broadcast and one FMA per 8 MACs, with no
 //    multiply by a pruned zero. Weights are decoded per (row block, K chunk) into fp32
@@ -27,7 +27,7 @@ namespace semisparse::sparse24 {
 namespace {
 
 constexpr int64_t kGemvMaxM = 4;
-constexpr int64_t kKC = 256;  // K chunk (columns); multiple of 16
+constexpr int64_t kKC = 192;  // K chunk (columns); multiple of 16. 192 x 24 fp32 = 18 KiB of L1
 constexpr int64_t kNB = 64;   // output rows per task in the GEMM path
 
 struct FreeDeleter {
@@ -159,30 +159,49 @@ struct Panel {
   float* data;    // [K][width]
 };
 
-// acc[r][v] (+)= sum_j val[r][j] * xp[col[r][j]][8v .. 8v+8)
+// acc[r][v] (+)= sum_j val[r][j] * xp[col[r][j]][8v .. 8v+8), for NR rows of W.
+// With one 8-wide vector per row (MV == 1) the j loop is split over two accumulator
+// sets so that enough FMAs are in flight to hide their latency.
 template <int MV, int NR>
 inline void ukernel(const float* xp, const float* val, const int32_t* col, int64_t J, float* c,
                     int64_t ldc, bool first) {
   constexpr int W = 8 * MV;
-  __m256 acc[NR][MV];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < MV; ++v)
-      acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
-  for (int64_t j = 0; j < J; ++j) {
+  constexpr int U = MV == 1 ? 2 : 1;
+  __m256 acc[U][NR][MV];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < MV; ++v)
+        acc[u][r][v] = (first || u > 0) ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
+  int64_t j = 0;
+  for (; j + U <= J; j += U) {
+    for (int u = 0; u < U; ++u) {
+      for (int r = 0; r < NR; ++r) {
+        const __m256 w = _mm256_broadcast_ss(val + r * J + j + u);
+        const float* xr = xp + static_cast<int64_t>(col[r * J + j + u]) * W;
+        for (int v = 0; v < MV; ++v)
+          acc[u][r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[u][r][v]);
+      }
+    }
+  }
+  for (; j < J; ++j) {
     for (int r = 0; r < NR; ++r) {
       const __m256 w = _mm256_broadcast_ss(val + r * J + j);
       const float* xr = xp + static_cast<int64_t>(col[r * J + j]) * W;
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[r][v]);
+      for (int v = 0; v < MV; ++v) acc[0][r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[0][r][v]);
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+    for (int v = 0; v < MV; ++v) {
+      __m256 a = acc[0][r][v];
+      if constexpr (U == 2) a = _mm256_add_ps(a, acc[1][r][v]);
+      _mm256_storeu_ps(c + r * ldc + 8 * v, a);
+    }
 }
 
 template <int MV>
 void panel_rows(const float* xp, const float* val, const int32_t* col, int64_t J, int64_t rows,
                 float* c, int64_t ldc, bool first) {
-  constexpr int NR = MV == 1 ? 8 : 4;
+  constexpr int NR = 4;
   int64_t r = 0;
   for (; r + NR <= rows; r += NR)
     ukernel<MV, NR>(xp, val + r * J, col + r * J, J, c + r * ldc, ldc, first);
@@ -193,12 +212,12 @@ void gemm(const LinearProblem& p) {
   const int64_t M = p.M, N = p.N, K = p.K, H = K / 2;
   const int es = dtype_size(p.dtype);
 
-  // Panels of 16 rows, the last one 8 wide when 8 or fewer rows remain.
+  // Panels of 24 rows; the last one 8 or 16 wide when that covers what remains.
   std::vector<Panel> panels;
   int64_t total = 0;
   for (int64_t m0 = 0; m0 < M;) {
     const int64_t left = M - m0;
-    const int w = left <= 8 ? 8 : 16;
+    const int w = left <= 8 ? 8 : left <= 16 ? 16 : 24;
     const int64_t rows = std::min<int64_t>(left, w);
     panels.push_back({m0, rows, w, nullptr});
     total += K * w;
@@ -268,10 +287,13 @@ void gemm(const LinearProblem& p) {
         int64_t mo = 0;
         for (const Panel& pn : panels) {
           const float* xpk = pn.data + kc * pn.width;
-          if (pn.width == 16)
-            panel_rows<2>(xpk, val.get(), col.get(), J, rows, cbuf.get() + mo, Mpad, kc == 0);
+          float* cb = cbuf.get() + mo;
+          if (pn.width == 24)
+            panel_rows<3>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
+          else if (pn.width == 16)
+            panel_rows<2>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
           else
-            panel_rows<1>(xpk, val.get(), col.get(), J, rows, cbuf.get() + mo, Mpad, kc == 0);
+            panel_rows<1>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
           mo += pn.width;
         }
       }
