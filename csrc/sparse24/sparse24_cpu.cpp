@@ -27,8 +27,8 @@ DType to_dtype(const Tensor& t, const char* what) {
     case ScalarType::Double: return DType::F64;
     default:
       STD_TORCH_CHECK(false, "semisparse: ", what,
-                      " must be float32, bfloat16, float16 (or float64), got scalar type ",
-                      static_cast<int>(t.scalar_type()));
+                      " must be float32, bfloat16, float16 (or float64), got ",
+                      torch::headeronly::toString(t.scalar_type()));
   }
   return DType::F32;
 }
@@ -59,15 +59,17 @@ Tensor linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<Tensor> bi
   check_cpu(meta, "meta");
   check_compressed(values, meta);
   const DType t = to_dtype(values, "values");
-  STD_TORCH_CHECK(x.scalar_type() == values.scalar_type(),
-                  "semisparse: x and the sparse weight must have the same dtype");
+  STD_TORCH_CHECK(x.scalar_type() == values.scalar_type(), "semisparse: x has dtype ",
+                  torch::headeronly::toString(x.scalar_type()), " but the sparse weight has ",
+                  torch::headeronly::toString(values.scalar_type()));
   const int64_t N = values.size(0), K = 2 * values.size(1);
   STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) == K, "semisparse: x must end in K=", K,
                   " features, got ", x.dim() >= 1 ? x.size(x.dim() - 1) : 0);
   if (bias.has_value()) {
     check_cpu(*bias, "bias");
-    STD_TORCH_CHECK(bias->scalar_type() == values.scalar_type(),
-                    "semisparse: bias must have the weight's dtype");
+    STD_TORCH_CHECK(bias->scalar_type() == values.scalar_type(), "semisparse: bias has dtype ",
+                    torch::headeronly::toString(bias->scalar_type()), ", expected ",
+                    torch::headeronly::toString(values.scalar_type()));
     STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "semisparse: bias must have shape [",
                     N, "]");
   }

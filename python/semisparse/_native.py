@@ -107,8 +107,13 @@ def cpu_isa_best() -> str:
     return _isa_call("semisparse_cpu_isa_best")
 
 
+_ISA_NAMES = ("auto", "scalar", "avx2_fma", "neon")
+
+
 def set_cpu_isa(name: str) -> None:
     """Force the CPU SIMD path (``"scalar"``, ``"avx2_fma"``, ``"neon"`` or ``"auto"``)."""
+    if name not in _ISA_NAMES:
+        raise ValueError(f"set_cpu_isa: expected one of {', '.join(map(repr, _ISA_NAMES))}, got {name!r}")
     load()
     if _CPU_HANDLE is None:
         raise RuntimeError("set_cpu_isa: the native CPU library is not loaded")

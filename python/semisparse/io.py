@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 
 __all__ = ["atomic_write_bytes", "save_tensors", "load_tensors"]
@@ -46,9 +46,17 @@ def load_tensors(path, device: str | torch.device = "cpu") -> tuple[dict[str, to
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     out = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        header = f.metadata() or {}
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
-    meta = json.loads(header.get("semisparse", "{}"))
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = f.metadata() or {}
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file: {e}") from e
+    try:
+        meta = json.loads(header.get("semisparse", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the 'semisparse' header entry is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'semisparse' header entry must be a JSON object, got {type(meta).__name__}")
     return out, meta

@@ -78,8 +78,12 @@ def sparsify(
     swaps: list[tuple[str, SparseLinear]] = []
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:
+            if masks is not None and name in masks:
+                report.skipped[name] = f"a mask was given but the module is a {type(mod).__name__}, not nn.Linear"
             continue
         if targets is not None and not any(name_matches(name, p) for p in targets):
+            if masks is not None and name in masks:
+                report.skipped[name] = "a mask was given but no pattern in targets selects this layer"
             continue
         if any(name_matches(name, p) for p in exclude):
             report.skipped[name] = "excluded by name"

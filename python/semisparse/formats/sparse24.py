@@ -33,10 +33,17 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     g = scores.detach().reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     if not g.is_floating_point():
         g = g.to(torch.float32)
-    # NaN scores rank lowest, so they are pruned first.
-    g = torch.nan_to_num(g.float(), nan=-math.inf)
+    # (float64 stays float64: rounding it to float32 could turn distinct scores into ties)
+    if g.dtype != torch.float64:
+        g = g.float()
+    nan = torch.isnan(g)
+    g = torch.where(nan, -math.inf, g)  # (nan_to_num would also clamp +-inf to finite values)
     # stable descending sort: equal scores keep the lower index
-    order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :n]
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices
+    # then a stable sort on "is NaN": NaN scores rank lowest (below -inf), so they are
+    # pruned first
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
+    order = order[..., :n]
     mask = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
     mask.scatter_(-1, order, True)
     return mask.reshape(scores.shape)
@@ -80,7 +87,7 @@ class Sparse24:
 
     ``layout="cpu"``: values ``[N, K/2]`` and meta ``[N, ceil(K/8)]`` uint8 (see
     :mod:`semisparse.ops.sparse24`); what the CPU kernels read. ``layout="cutlass_sm80"``
-    (fp16/bf16, ``N % 32 == 0``, ``K % 16 == 0``): values ``[N, K/2]`` and meta
+    (fp16/bf16, ``N % 32 == 0``, ``K % 32 == 0``): values ``[N, K/2]`` and meta
     ``[N, K/16]`` int16, bit-identical to
     ``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``.
     """
@@ -96,6 +103,11 @@ class Sparse24:
         n, k = shape
         if tuple(values.shape) != (n, k // 2):
             raise ValueError(f"Sparse24: values must have shape {(n, k // 2)}, got {tuple(values.shape)}")
+        if layout == "cutlass_sm80" and (n % 32 or k % 32):
+            raise ValueError(
+                f"Sparse24: layout='cutlass_sm80' needs rows a multiple of 32 and columns a multiple of 32, "
+                f"got shape {tuple(shape)}"
+            )
         want = (n, _ops.meta_cols(k)) if layout == "cpu" else (n, k // 16)
         mdt = torch.uint8 if layout == "cpu" else torch.int16
         if tuple(meta.shape) != want or meta.dtype != mdt:
@@ -124,10 +136,13 @@ class Sparse24:
                     "Sparse24.from_dense: layout='cutlass_sm80' takes float16 or bfloat16 "
                     "(CUTLASS treats float32 as 1:2 tf32), got torch.float32"
                 )
-            if n % 32 or k % 16:
+            # K % 32: the metadata ([N, K/16] int16) is interleaved in 2x2 blocks of words
+            # (ColumnMajorInterleaved<2>), so it needs an even number of columns; PyTorch's
+            # sparse_semi_structured_from_dense_cutlass fails the same way for K % 32 == 16.
+            if n % 32 or k % 32:
                 raise ValueError(
                     f"Sparse24.from_dense: layout='cutlass_sm80' needs rows a multiple of 32 and "
-                    f"columns a multiple of 16, got shape {tuple(w.shape)}"
+                    f"columns a multiple of 32, got shape {tuple(w.shape)}"
                 )
         elif k % 4:
             raise ValueError(

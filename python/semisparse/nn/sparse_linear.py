@@ -70,11 +70,17 @@ class SparseLinear(nn.Module):
                     f"SparseLinear.from_dense: mask is not 2:4: row {r}, columns {4 * g}..{4 * g + 3} keep "
                     f"{int(counts[r, g])} entries (at most 2)"
                 )
-        sp = Sparse24.from_dense(w * mask, layout="cpu")
+        # The metadata encodes the mask, not the non-zeros of w * mask: a kept weight that
+        # happens to be 0 must stay a trainable position and a pruned one must not become
+        # one. (Groups where the mask keeps fewer than 2 get the format's filler position.)
+        meta = Sparse24.from_dense(mask.to(w.dtype), layout="cpu").meta
+        cols = _ops.kept_columns(meta, w.shape[1])
+        values = torch.where(mask.gather(1, cols), w.gather(1, cols), torch.zeros((), dtype=w.dtype, device=w.device))
+        values = values + 0.0  # -0.0 -> +0.0, as the compressed format stores zeros
         mod = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            mod.values.copy_(sp.values)
-            mod.meta.copy_(sp.meta)
+            mod.values.copy_(values)
+            mod.meta.copy_(meta)
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
         mod.values.requires_grad_(linear.weight.requires_grad)

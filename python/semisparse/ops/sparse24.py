@@ -200,6 +200,21 @@ def _linear_backward(ctx, gy):
 torch.library.register_autograd("semisparse::sparse24_linear", _linear_backward, setup_context=_linear_setup)
 
 
+# dense = scatter(values at the kept columns): the gradient of values is a gather
+def _decompress_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _decompress_backward(ctx, gdense):
+    (meta,) = ctx.saved_tensors
+    return gdense.gather(1, kept_columns(meta, gdense.shape[1])), None
+
+
+torch.library.register_autograd(
+    "semisparse::sparse24_decompress", _decompress_backward, setup_context=_decompress_setup
+)
+
+
 # ---------------------------------------------------------- python entry points
 def sparse24_compress(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.semisparse.sparse24_compress(dense)
