@@ -1,7 +1,10 @@
 // bench_sparse24_cpu: times the CPU 2:4 linear kernel alone (no Python, no dispatcher).
 //
-//   bench_sparse24_cpu [N K M dtype reps]     defaults: 4096 4096 1 fp32 50
+//   bench_sparse24_cpu [N K M dtype reps [variant ...]]   defaults: 4096 4096 1 fp32 50
 //   dtype: fp32 | bf16 | fp16;  SEMISPARSE_CPU_ISA=scalar forces the generic path.
+//   variant: "key=value[,key=value]" schedule settings of the AVX2 kernels (gemv_max_m);
+//   with several variants the runs are interleaved round-robin so that
+//   a noisy machine affects all of them alike, and one line is printed per variant.
 //
 // Prints the median time, useful GFLOP/s (2*M*N*K/2: the multiplies by pruned zeros
 // are not counted), the dense-equivalent GFLOP/s (2*M*N*K) and GB/s (compressed
@@ -61,20 +64,47 @@ int main(int argc, char** argv) {
   for (int64_t i = 0; i < M * K; ++i) store_from_f32(x.data(), i, t, nd(rng));
 
   LinearProblem p{x.data(), values.data(), meta.data(), nullptr, y.data(), M, N, K, mc, t};
-  linear(p);  // warm-up
-  std::vector<double> ts;
-  for (int i = 0; i < reps; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    linear(p);
-    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ts.begin(), ts.end());
-  const double med = ts[ts.size() / 2];
-  const double flops = 2.0 * M * N * (K / 2);
-  const double bytes = double(values.size() + meta.size() + x.size() + y.size());
+  std::vector<std::string> variants;
+  for (int i = 6; i < argc; ++i) variants.push_back(argv[i]);
+  if (variants.empty()) variants.push_back("");
+  auto apply = [&](const std::string& v) {
+#if defined(SEMISPARSE_HAVE_AVX2_TU)
+    size_t a = 0;
+    while (a < v.size()) {
+      size_t b = v.find(',', a);
+      if (b == std::string::npos) b = v.size();
+      const std::string kv = v.substr(a, b - a);
+      const size_t eq = kv.find('=');
+      if (eq == std::string::npos || !tune_avx2(kv.substr(0, eq).c_str(), std::atoll(kv.c_str() + eq + 1))) {
+        std::fprintf(stderr, "unknown variant setting %s\n", kv.c_str());
+        std::exit(2);
+      }
+      a = b + 1;
+    }
+#else
+    if (!v.empty()) { std::fprintf(stderr, "variants need the AVX2 kernels\n"); std::exit(2); }
+#endif
+  };
+  std::vector<std::vector<double>> ts(variants.size());
+  for (size_t vi = 0; vi < variants.size(); ++vi) { apply(variants[vi]); linear(p); }  // warm-up
+  for (int i = 0; i < reps; ++i)
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+      apply(variants[vi]);
+      auto t0 = std::chrono::steady_clock::now();
+      linear(p);
+      ts[vi].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
   std::printf("bench_sparse24_cpu N=%lld K=%lld M=%lld dtype=%s simd=%s reps=%d\n", (long long)N,
               (long long)K, (long long)M, dname.c_str(), semisparse_cpu_isa(), reps);
-  std::printf("median %.3f ms  min %.3f ms  useful %.1f GFLOP/s  dense-equivalent %.1f GFLOP/s  %.1f GB/s\n",
-              med * 1e3, ts[0] * 1e3, flops / med * 1e-9, 2 * flops / med * 1e-9, bytes / med * 1e-9);
+  const double flops = 2.0 * M * N * (K / 2);
+  const double bytes = double(values.size() + meta.size() + x.size() + y.size());
+  for (size_t vi = 0; vi < variants.size(); ++vi) {
+    auto& v = ts[vi];
+    std::sort(v.begin(), v.end());
+    const double med = v[v.size() / 2];
+    std::printf("%s%smedian %.3f ms  min %.3f ms  useful %.1f GFLOP/s  dense-equivalent %.1f GFLOP/s  %.1f GB/s\n",
+                variants[vi].c_str(), variants[vi].empty() ? "" : "  ", med * 1e3, v[0] * 1e3,
+                flops / med * 1e-9, 2 * flops / med * 1e-9, bytes / med * 1e-9);
+  }
   return 0;
 }

@@ -79,6 +79,9 @@ struct LinearProblem {
 void linear_generic(const LinearProblem& p);
 #if defined(SEMISPARSE_HAVE_AVX2_TU)
 void linear_avx2(const LinearProblem& p);
+// Set a schedule threshold of the AVX2 kernels ("gemv_max_m");
+// false for an unknown key. For the microbenchmark's A/B runs.
+bool tune_avx2(const char* key, int64_t value);
 #endif
 // Chooses the path from semisparse::active_cpu_isa().
 void linear(const LinearProblem& p);

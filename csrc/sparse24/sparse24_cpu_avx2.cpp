@@ -26,9 +26,14 @@
 namespace semisparse::sparse24 {
 namespace {
 
-constexpr int64_t kGemvMaxM = 4;
+// Schedule thresholds (tunable at run time through semisparse_cpu_tune for A/B runs of the
+// microbenchmark; the defaults are the measured best on a 2-core Zen 3).
+int64_t kGemvMaxM = 8;
+
 constexpr int64_t kKC = 192;  // K chunk (columns); multiple of 16. 192 x 24 fp32 = 18 KiB of L1
 constexpr int64_t kNB = 64;   // output rows per task in the GEMM path
+constexpr int64_t kSmallMpad = 32;  // up to this many (padded) rows of x: blocks of kNBSmall
+constexpr int64_t kNBSmall = 16;
 
 struct FreeDeleter {
   void operator()(void* q) const { std::free(q); }
@@ -99,35 +104,53 @@ Buffer<float> to_f32(const LinearProblem& p) {
 }
 
 // ------------------------------------------------------------------ GEMV path
+// Output row n for x rows [m0, m0 + MM).
 template <int MM>
-void gemv_rows(const LinearProblem& p, const float* xf, int64_t n0, int64_t n1) {
+inline void gemv_row(const LinearProblem& p, const float* xf, int64_t n, int64_t m0) {
   const int64_t K = p.K, H = K / 2, blocks = K / 16, groups = K / 4;
   const int es = dtype_size(p.dtype);
-  for (int64_t n = n0; n < n1; ++n) {
-    const char* vrow = static_cast<const char*>(p.values) + n * H * es;
-    const uint8_t* mrow = p.meta + n * p.meta_cols;
-    __m256 acc[MM];
-    for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      _mm_prefetch(vrow + (8 * b + 256) * es, _MM_HINT_T0);
-      const __m256i perm = perm_from_meta(meta16(mrow, b));
-      const __m256 v = load8(vrow + 8 * b * es, p.dtype);
-      for (int i = 0; i < MM; ++i) {
-        const float* xr = xf + i * K + 16 * b;
-        const __m256 ga = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), perm);
-        const __m256 gb = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), perm);
-        acc[i] = _mm256_fmadd_ps(v, _mm256_blend_ps(ga, gb, 0xF0), acc[i]);
-      }
-    }
-    const float bias = p.bias ? load_as_f32(p.bias, n, p.dtype) : 0.0f;
+  const char* vrow = static_cast<const char*>(p.values) + n * H * es;
+  const uint8_t* mrow = p.meta + n * p.meta_cols;
+  const float* x0 = xf + m0 * K;
+  __m256 acc[MM];
+  for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    _mm_prefetch(vrow + (8 * b + 256) * es, _MM_HINT_T0);
+    const __m256i perm = perm_from_meta(meta16(mrow, b));
+    const __m256 v = load8(vrow + 8 * b * es, p.dtype);
     for (int i = 0; i < MM; ++i) {
-      float s = hsum(acc[i]);
-      for (int64_t g = 4 * blocks; g < groups; ++g) {  // K % 16 tail
-        const int c = code_of(mrow, g);
-        s += load_as_f32(p.values, n * H + 2 * g, p.dtype) * xf[i * K + 4 * g + (c & 3)];
-        s += load_as_f32(p.values, n * H + 2 * g + 1, p.dtype) * xf[i * K + 4 * g + (c >> 2)];
+      const float* xr = x0 + i * K + 16 * b;
+      const __m256 ga = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), perm);
+      const __m256 gb = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), perm);
+      acc[i] = _mm256_fmadd_ps(v, _mm256_blend_ps(ga, gb, 0xF0), acc[i]);
+    }
+  }
+  const float bias = p.bias ? load_as_f32(p.bias, n, p.dtype) : 0.0f;
+  for (int i = 0; i < MM; ++i) {
+    float s = hsum(acc[i]);
+    for (int64_t g = 4 * blocks; g < groups; ++g) {  // K % 16 tail
+      const int c = code_of(mrow, g);
+      s += load_as_f32(p.values, n * H + 2 * g, p.dtype) * x0[i * K + 4 * g + (c & 3)];
+      s += load_as_f32(p.values, n * H + 2 * g + 1, p.dtype) * x0[i * K + 4 * g + (c >> 2)];
+    }
+    store_from_f32(p.y, (m0 + i) * p.N + n, p.dtype, s + bias);
+  }
+}
+
+void gemv_rows(const LinearProblem& p, const float* xf, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    // rows of x in groups of up to 8; the weight row stays in L1 between groups
+    for (int64_t m0 = 0; m0 < p.M; m0 += 8) {
+      switch (std::min<int64_t>(8, p.M - m0)) {
+        case 1: gemv_row<1>(p, xf, n, m0); break;
+        case 2: gemv_row<2>(p, xf, n, m0); break;
+        case 3: gemv_row<3>(p, xf, n, m0); break;
+        case 4: gemv_row<4>(p, xf, n, m0); break;
+        case 5: gemv_row<5>(p, xf, n, m0); break;
+        case 6: gemv_row<6>(p, xf, n, m0); break;
+        case 7: gemv_row<7>(p, xf, n, m0); break;
+        default: gemv_row<8>(p, xf, n, m0); break;
       }
-      store_from_f32(p.y, i * p.N + n, p.dtype, s + bias);
     }
   }
 }
@@ -141,14 +164,7 @@ void gemv(const LinearProblem& p) {
   }
   // Rows split evenly over the threads: the work is a stream over the weights.
   const int64_t grain = std::max<int64_t>(16, p.N / (8 * std::max(1, num_threads())));
-  parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    switch (p.M) {
-      case 1: gemv_rows<1>(p, xf, n0, n1); break;
-      case 2: gemv_rows<2>(p, xf, n0, n1); break;
-      case 3: gemv_rows<3>(p, xf, n0, n1); break;
-      default: gemv_rows<4>(p, xf, n0, n1); break;
-    }
-  });
+  parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) { gemv_rows(p, xf, n0, n1); });
 }
 
 // ------------------------------------------------------------------ GEMM path
@@ -160,52 +176,66 @@ struct Panel {
 };
 
 // acc[r][v] (+)= sum_j val[r][j] * xp[col[r][j]][8v .. 8v+8), for NR rows of W.
-// With one 8-wide vector per row (MV == 1) the j loop is split over two accumulator
-// sets so that enough FMAs are in flight to hide their latency.
+// Per kept weight: a column-index load, a broadcast and MV fused multiply-adds whose
+// second operand comes straight from the L1-resident panel row.
 template <int MV, int NR>
-inline void ukernel(const float* xp, const float* val, const int32_t* col, int64_t J, float* c,
-                    int64_t ldc, bool first) {
+inline void ukernel(const float* xp, const float* val, const int32_t* col, int64_t ld, int64_t J,
+                    float* c, int64_t ldc, bool first) {
   constexpr int W = 8 * MV;
-  constexpr int U = MV == 1 ? 2 : 1;
-  __m256 acc[U][NR][MV];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < NR; ++r)
-      for (int v = 0; v < MV; ++v)
-        acc[u][r][v] = (first || u > 0) ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
-  int64_t j = 0;
-  for (; j + U <= J; j += U) {
-    for (int u = 0; u < U; ++u) {
-      for (int r = 0; r < NR; ++r) {
-        const __m256 w = _mm256_broadcast_ss(val + r * J + j + u);
-        const float* xr = xp + static_cast<int64_t>(col[r * J + j + u]) * W;
-        for (int v = 0; v < MV; ++v)
-          acc[u][r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[u][r][v]);
-      }
-    }
-  }
-  for (; j < J; ++j) {
+  __m256 acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
+  for (int64_t j = 0; j < J; ++j) {
     for (int r = 0; r < NR; ++r) {
-      const __m256 w = _mm256_broadcast_ss(val + r * J + j);
-      const float* xr = xp + static_cast<int64_t>(col[r * J + j]) * W;
-      for (int v = 0; v < MV; ++v) acc[0][r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[0][r][v]);
+      const __m256 w = _mm256_broadcast_ss(val + r * ld + j);
+      const float* xr = xp + static_cast<int64_t>(col[r * ld + j]) * W;
+      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[r][v]);
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < MV; ++v) {
-      __m256 a = acc[0][r][v];
-      if constexpr (U == 2) a = _mm256_add_ps(a, acc[1][r][v]);
-      _mm256_storeu_ps(c + r * ldc + 8 * v, a);
-    }
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
 }
 
 template <int MV>
-void panel_rows(const float* xp, const float* val, const int32_t* col, int64_t J, int64_t rows,
-                float* c, int64_t ldc, bool first) {
+void panel_rows(const float* xp, const float* val, const int32_t* col, int64_t ld, int64_t J,
+                int64_t rows, float* c, int64_t ldc, bool first) {
   constexpr int NR = 4;
   int64_t r = 0;
   for (; r + NR <= rows; r += NR)
-    ukernel<MV, NR>(xp, val + r * J, col + r * J, J, c + r * ldc, ldc, first);
-  for (; r < rows; ++r) ukernel<MV, 1>(xp, val + r * J, col + r * J, J, c + r * ldc, ldc, first);
+    ukernel<MV, NR>(xp, val + r * ld, col + r * ld, ld, J, c + r * ldc, ldc, first);
+  for (; r < rows; ++r) ukernel<MV, 1>(xp, val + r * ld, col + r * ld, ld, J, c + r * ldc, ldc, first);
+}
+
+// Decode columns [c0, c1) of row n (c0 a multiple of 16): fp32 values to vd[0..), their
+// column indices minus col_base to cd[0..).
+
+inline void decode_row(const LinearProblem& p, int64_t n, int64_t c0, int64_t c1, int64_t col_base,
+                       float* vd, int32_t* cd) {
+  const int es = dtype_size(p.dtype);
+  const int64_t J = (c1 - c0) / 2;
+  const char* vrow = static_cast<const char*>(p.values) + (n * (p.K / 2) + c0 / 2) * es;
+  const uint8_t* mrow = p.meta + n * p.meta_cols;
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i three = _mm256_set1_epi32(3);
+  int64_t j = 0;
+  for (; j + 8 <= J; j += 8) {
+    _mm_prefetch(vrow + (j + 128) * es, _MM_HINT_T0);
+    _mm256_storeu_ps(vd + j, load8(vrow + j * es, p.dtype));
+    const uint32_t bits = meta16(mrow, (c0 + 2 * j) / 16);
+    __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(bits)), shifts);
+    c = _mm256_add_epi32(_mm256_and_si256(c, three),
+                         _mm256_add_epi32(base, _mm256_set1_epi32(static_cast<int>(c0 + 2 * j - col_base))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cd + j), c);
+  }
+  for (; j < J; j += 2) {  // K % 16 tail
+    const int64_t g = (c0 + 2 * j) / 4;
+    const int code = code_of(mrow, g);
+    vd[j] = load_as_f32(vrow, j, p.dtype);
+    vd[j + 1] = load_as_f32(vrow, j + 1, p.dtype);
+    cd[j] = static_cast<int32_t>(4 * g + (code & 3) - col_base);
+    cd[j + 1] = static_cast<int32_t>(4 * g + (code >> 2) - col_base);
+  }
 }
 
 void gemm(const LinearProblem& p) {
@@ -246,54 +276,46 @@ void gemm(const LinearProblem& p) {
     }
   });
 
-  const int64_t nblocks = (N + kNB - 1) / kNB;
+  // Weights are decoded per (block of NB rows, K chunk) and reused across all panels;
+  // the next chunk of every row of the block is prefetched while this one is computed.
+  // With one or two panels there is little compute to hide memory behind, so the block
+  // is smaller: fewer concurrent row streams, and the decoded chunk stays in L1.
+  const int64_t NB = Mpad <= kSmallMpad ? kNBSmall : kNB;
+  const int64_t ld = kKC / 2;
+  const int64_t nblocks = (N + NB - 1) / NB;
   parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t JC = kKC / 2;
-    Buffer<float> val = scratch<float>(kNB * JC);
-    Buffer<int32_t> col = scratch<int32_t>(kNB * JC);
-    Buffer<float> cbuf = scratch<float>(kNB * Mpad);
+    Buffer<float> val = scratch<float>(NB * ld);
+    Buffer<int32_t> col = scratch<int32_t>(NB * ld);
+    Buffer<float> cbuf = scratch<float>(NB * Mpad);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * kNB, rows = std::min(kNB, N - n0);
+      const int64_t n0 = blk * NB, rows = std::min(NB, N - n0);
       for (int64_t kc = 0; kc < K; kc += kKC) {
         const int64_t kl = std::min(kKC, K - kc), J = kl / 2;
-        // Decode rows [n0, n0 + rows), columns [kc, kc + kl): fp32 values and column
-        // indices local to the chunk.
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          const char* vrow = static_cast<const char*>(p.values) + (n * H + kc / 2) * es;
-          const uint8_t* mrow = p.meta + n * p.meta_cols;
-          float* vd = val.get() + r * J;
-          int32_t* cd = col.get() + r * J;
-          int64_t j = 0;
-          const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-          const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-          for (; j + 8 <= J; j += 8) {
-            _mm256_storeu_ps(vd + j, load8(vrow + j * es, p.dtype));
-            const uint32_t bits = meta16(mrow, (kc + 2 * j) / 16);
-            __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(bits)), shifts);
-            c = _mm256_add_epi32(_mm256_and_si256(c, _mm256_set1_epi32(3)),
-                                 _mm256_add_epi32(base, _mm256_set1_epi32(static_cast<int>(2 * j))));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(cd + j), c);
-          }
-          for (; j < J; j += 2) {
-            const int64_t g = (kc + 2 * j) / 4;
-            const int code = code_of(mrow, g);
-            vd[j] = load_as_f32(vrow, j, p.dtype);
-            vd[j + 1] = load_as_f32(vrow, j + 1, p.dtype);
-            cd[j] = static_cast<int32_t>(2 * j + (code & 3));
-            cd[j + 1] = static_cast<int32_t>(2 * j + (code >> 2));
+        // The rows of a block are read chunk by chunk, short strided streams that the
+        // hardware prefetchers do not follow: fetch the next chunk of every row now.
+        if (kc + kKC < K) {
+          const int64_t nkl = std::min(kKC, K - kc - kKC);
+          for (int64_t r = 0; r < rows; ++r) {
+            const char* nv = static_cast<const char*>(p.values) + ((n0 + r) * H + (kc + kKC) / 2) * es;
+            for (int64_t b = 0; b < nkl / 2 * es; b += 64) _mm_prefetch(nv + b, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(p.meta + (n0 + r) * p.meta_cols + (kc + kKC) / 8),
+                         _MM_HINT_T1);
           }
         }
+        for (int64_t r = 0; r < rows; ++r)
+          decode_row(p, n0 + r, kc, kc + kl, kc, val.get() + r * ld, col.get() + r * ld);
+        const float* vc = val.get();
+        const int32_t* cc = col.get();
         int64_t mo = 0;
         for (const Panel& pn : panels) {
           const float* xpk = pn.data + kc * pn.width;
           float* cb = cbuf.get() + mo;
           if (pn.width == 24)
-            panel_rows<3>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
+            panel_rows<3>(xpk, vc, cc, ld, J, rows, cb, Mpad, kc == 0);
           else if (pn.width == 16)
-            panel_rows<2>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
+            panel_rows<2>(xpk, vc, cc, ld, J, rows, cb, Mpad, kc == 0);
           else
-            panel_rows<1>(xpk, val.get(), col.get(), J, rows, cb, Mpad, kc == 0);
+            panel_rows<1>(xpk, vc, cc, ld, J, rows, cb, Mpad, kc == 0);
           mo += pn.width;
         }
       }
@@ -315,6 +337,11 @@ void gemm(const LinearProblem& p) {
 }
 
 }  // namespace
+
+bool tune_avx2(const char* key, int64_t value) {
+  if (std::strcmp(key, "gemv_max_m") == 0) { kGemvMaxM = value; return true; }
+  return false;
+}
 
 void linear_avx2(const LinearProblem& p) {
   if (p.M <= kGemvMaxM)
