@@ -13,7 +13,7 @@ import torch
 import semisparse
 from semisparse import _native
 
-ISA_NAMES = {"avx2_fma", "neon", "scalar"}
+ISA_NAMES = {"avx512_bf16", "avx2_fma", "neon", "scalar"}
 
 
 def _loaded() -> bool:
@@ -93,10 +93,22 @@ def test_set_cpu_isa_bogus(bad):
 @needs_native
 def test_set_cpu_isa_unavailable():
     best = _native.cpu_isa_best()
-    other = {"avx2_fma": "neon", "neon": "avx2_fma", "scalar": "avx2_fma"}[best]
+    other = {"avx512_bf16": "neon", "avx2_fma": "avx512_bf16", "neon": "avx2_fma", "scalar": "avx2_fma"}[best]
     with pytest.raises(ValueError, match=other):
         semisparse.set_cpu_isa(other)
     assert semisparse.cpu_isa() == best
+
+
+@needs_native
+def test_avx512_bf16_includes_avx2():
+    # the x86 paths nest: a CPU with the AVX-512 BF16 kernel can also run the AVX2 one
+    if _native.cpu_isa_best() != "avx512_bf16":
+        pytest.skip("no AVX-512 BF16 on this CPU")
+    try:
+        semisparse.set_cpu_isa("avx2_fma")
+        assert semisparse.cpu_isa() == "avx2_fma"
+    finally:
+        semisparse.set_cpu_isa("auto")
 
 
 @needs_native

@@ -2,7 +2,8 @@
 //
 //   bench_sparse24_cpu [N K M dtype reps [variant ...]]   defaults: 4096 4096 1 fp32 50
 //   dtype: fp32 | bf16 | fp16;  SEMISPARSE_CPU_ISA=scalar forces the generic path.
-//   variant: "key=value[,key=value]" schedule settings of the AVX2 kernels (gemv_max_m);
+//   variant: "key=value[,key=value]": isa=0|1|3 (scalar, avx2_fma, avx512_bf16) and the
+//   schedule thresholds gemv_max_m (AVX2) and bf16_gemv_max_m (AVX-512 BF16);
 //   with several variants the runs are interleaved round-robin so that
 //   a noisy machine affects all of them alike, and one line is printed per variant.
 //
@@ -75,7 +76,16 @@ int main(int argc, char** argv) {
       if (b == std::string::npos) b = v.size();
       const std::string kv = v.substr(a, b - a);
       const size_t eq = kv.find('=');
-      if (eq == std::string::npos || !tune_avx2(kv.substr(0, eq).c_str(), std::atoll(kv.c_str() + eq + 1))) {
+      const std::string key = eq == std::string::npos ? kv : kv.substr(0, eq);
+      const long long val = eq == std::string::npos ? 0 : std::atoll(kv.c_str() + eq + 1);
+      if (key == "isa") {
+        const char* names[] = {"scalar", "avx2_fma", "neon", "avx512_bf16"};
+        if (val < 0 || val > 3 || semisparse_set_cpu_isa(names[val]) != 0) {
+          std::fprintf(stderr, "cannot run isa=%lld here\n", val);
+          std::exit(2);
+        }
+      } else if (eq == std::string::npos ||
+                 !(tune_avx2(key.c_str(), val) || tune_avx512bf16(key.c_str(), val))) {
         std::fprintf(stderr, "unknown variant setting %s\n", kv.c_str());
         std::exit(2);
       }

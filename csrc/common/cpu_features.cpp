@@ -12,6 +12,9 @@ CpuIsa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512bf16"))
+      return CpuIsa::Avx512Bf16;
     return CpuIsa::Avx2Fma;
   }
   return CpuIsa::Scalar;
@@ -27,6 +30,7 @@ CpuIsa detect() {
 bool parse(const char* name, CpuIsa* out) {
   if (std::strcmp(name, "scalar") == 0) { *out = CpuIsa::Scalar; return true; }
   if (std::strcmp(name, "avx2_fma") == 0) { *out = CpuIsa::Avx2Fma; return true; }
+  if (std::strcmp(name, "avx512_bf16") == 0) { *out = CpuIsa::Avx512Bf16; return true; }
   if (std::strcmp(name, "neon") == 0) { *out = CpuIsa::Neon; return true; }
   if (std::strcmp(name, "auto") == 0) { *out = best_cpu_isa(); return true; }
   return false;
@@ -34,7 +38,8 @@ bool parse(const char* name, CpuIsa* out) {
 
 bool runnable(CpuIsa isa) {
   if (isa == CpuIsa::Scalar) return true;
-  return isa == best_cpu_isa();
+  const CpuIsa best = best_cpu_isa();
+  return isa == best || (isa == CpuIsa::Avx2Fma && best == CpuIsa::Avx512Bf16);
 }
 
 std::atomic<int>& active_slot() {
@@ -61,6 +66,7 @@ CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(active_slot().load(std::mem
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::Avx2Fma: return "avx2_fma";
+    case CpuIsa::Avx512Bf16: return "avx512_bf16";
     case CpuIsa::Neon: return "neon";
     default: return "scalar";
   }

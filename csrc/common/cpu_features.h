@@ -1,13 +1,15 @@
 // Run-time choice of the CPU SIMD path. The kernels are compiled for every path the
 // target architecture can have; which one runs is decided here, once, from cpuid
 // (x86) or the architecture baseline (aarch64), and can be overridden with the
-// environment variable SEMISPARSE_CPU_ISA=scalar|avx2_fma|neon|auto or, for tests,
+// environment variable SEMISPARSE_CPU_ISA=scalar|avx2_fma|avx512_bf16|neon|auto or, for tests,
 // through semisparse_set_cpu_isa() (exported with C linkage, reached with ctypes).
 #pragma once
 
 namespace semisparse {
 
-enum class CpuIsa : int { Scalar = 0, Avx2Fma = 1, Neon = 2 };
+// x86 paths nest: Avx512Bf16 is Avx2Fma plus an AVX-512 BF16 kernel for bfloat16 at
+// decode sizes (everything else runs the AVX2 kernels).
+enum class CpuIsa : int { Scalar = 0, Avx2Fma = 1, Neon = 2, Avx512Bf16 = 3 };
 
 // The path the kernels use now.
 CpuIsa active_cpu_isa();
@@ -18,7 +20,7 @@ const char* cpu_isa_name(CpuIsa isa);
 }  // namespace semisparse
 
 extern "C" {
-// Name of the active path: "avx2_fma", "neon" or "scalar".
+// Name of the active path: "avx512_bf16", "avx2_fma", "neon" or "scalar".
 __attribute__((visibility("default"))) const char* semisparse_cpu_isa();
 // Name of the best path this machine supports.
 __attribute__((visibility("default"))) const char* semisparse_cpu_isa_best();

@@ -162,7 +162,9 @@ void linear_generic(const LinearProblem& p) {
 
 void linear(const LinearProblem& p) {
 #if defined(SEMISPARSE_HAVE_AVX2_TU)
-  if (active_cpu_isa() == CpuIsa::Avx2Fma && p.dtype != DType::F64) {
+  const CpuIsa isa = active_cpu_isa();
+  if (p.dtype != DType::F64 && (isa == CpuIsa::Avx2Fma || isa == CpuIsa::Avx512Bf16)) {
+    if (isa == CpuIsa::Avx512Bf16 && linear_avx512bf16(p)) return;
     linear_avx2(p);
     return;
   }

@@ -98,7 +98,8 @@ def _isa_call(fn: str) -> str:
 
 
 def cpu_isa() -> str:
-    """The SIMD path the CPU kernels use now: ``avx2_fma``, ``neon`` or ``scalar``."""
+    """The SIMD path the CPU kernels use now: ``avx512_bf16`` (the AVX2+FMA kernels plus an
+    AVX-512 BF16 kernel for bfloat16 at small batch), ``avx2_fma``, ``neon`` or ``scalar``."""
     return _isa_call("semisparse_cpu_isa")
 
 
@@ -107,11 +108,12 @@ def cpu_isa_best() -> str:
     return _isa_call("semisparse_cpu_isa_best")
 
 
-_ISA_NAMES = ("auto", "scalar", "avx2_fma", "neon")
+_ISA_NAMES = ("auto", "scalar", "avx2_fma", "avx512_bf16", "neon")
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU SIMD path (``"scalar"``, ``"avx2_fma"``, ``"neon"`` or ``"auto"``)."""
+    """Force the CPU SIMD path (``"scalar"``, ``"avx2_fma"``, ``"avx512_bf16"``, ``"neon"`` or
+    ``"auto"``); a path this CPU cannot run raises ValueError."""
     if name not in _ISA_NAMES:
         raise ValueError(f"set_cpu_isa: expected one of {', '.join(map(repr, _ISA_NAMES))}, got {name!r}")
     load()
@@ -122,6 +124,6 @@ def set_cpu_isa(name: str) -> None:
     f.restype = ctypes.c_int
     rc = f(name.encode())
     if rc == -1:
-        raise ValueError(f"set_cpu_isa: expected one of 'auto', 'scalar', 'avx2_fma', 'neon', got {name!r}")
+        raise ValueError(f"set_cpu_isa: expected one of {', '.join(map(repr, _ISA_NAMES))}, got {name!r}")
     if rc == -2:
         raise ValueError(f"set_cpu_isa: this CPU or build cannot run {name!r} (best: {cpu_isa_best()!r})")

@@ -59,7 +59,7 @@ def format_info(d: dict | None = None) -> str:
         "CPU library : " + ("loaded " + d["cpu_library"]["path"] if d["cpu_library"]["loaded"]
                            else "NOT loaded: " + str(d["cpu_library"]["reason"])),
         f"CPU SIMD    : {d['cpu_simd']} (best on this machine: {d['cpu_simd_best']}; "
-        f"override with SEMISPARSE_CPU_ISA=scalar|avx2_fma|neon)",
+        f"override with SEMISPARSE_CPU_ISA=scalar|avx2_fma|avx512_bf16|neon)",
         f"CPU threads : {d['cpu_threads']} (torch.set_num_threads)",
         "CUDA library: " + ("loaded " + d["cuda_library"]["path"] if d["cuda_library"]["loaded"]
                            else "not loaded: " + str(d["cuda_library"]["reason"])),
