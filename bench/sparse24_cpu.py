@@ -13,6 +13,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +21,23 @@ import torch.nn.functional as F
 import semisparse as ss
 
 
-def timeit(fn, min_reps: int, min_time: float) -> float:
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < min_reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
+def time_together(fns: dict, min_reps: int, min_time: float) -> dict:
+    """Median seconds of each callable, run round-robin (one call of each per round) so
+    that a noisy machine affects all of them alike."""
+    for f in fns.values():
+        f()  # warm-up
+    times = {k: [] for k in fns}
+    t_end = time.perf_counter() + min_time * len(fns)
+    rounds = 0
+    while rounds < min_reps or time.perf_counter() < t_end:
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= 200:
             break
-    return statistics.median(times)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -55,8 +62,11 @@ def main(argv=None) -> int:
 
     print(f"semisparse {ss.__version__} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"cpu {platform.processor() or platform.machine()} | simd {ss.cpu_isa()}")
-    print("times: median ms; ratios: dense fp32 F.linear time / this time (higher is faster)")
-    hdr = f"{'weight':>11} {'M':>4} {'dense fp32':>11} | {'dtype':>5} {'dense':>8} {'CSR 50%':>8} {'2:4 ours':>9} | {'x dense':>7} {'x CSR':>6} {'x ours':>7}"
+    print("times: median ms, candidates run round-robin; ratios: dense fp32 F.linear time / this time (higher is faster)")
+    print("dense = F.linear in the row's dtype; CSR = torch.mm on a 50% unstructured CSR weight (fp32 only);")
+    print("'vs dense' = dense in the row's dtype / ours")
+    hdr = (f"{'weight':>11} {'M':>4} {'dense fp32':>11} | {'dtype':>5} {'dense':>8} {'CSR 50%':>8} {'2:4 ours':>9} | "
+           f"{'x dense':>7} {'x CSR':>6} {'x ours':>7} {'vs dense':>8}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -64,29 +74,36 @@ def main(argv=None) -> int:
     for n, k in shapes:
         w32 = torch.randn(n, k, generator=g)
         w24 = w32 * ss.nm_mask(w32.abs(), 2, 4)
-        wcsr = (w32 * (torch.rand(n, k, generator=g) >= 0.5)).to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
+            wcsr = (w32 * (torch.rand(n, k, generator=g) >= 0.5)).to_sparse_csr()
         for m in ms:
             x32 = torch.randn(m, k, generator=g)
-            t_dense32 = timeit(lambda: F.linear(x32, w32), a.reps, a.min_time)
             for dname in a.dtypes.split(","):
                 dt = dts[dname]
                 x = x32.to(dt)
                 w = w24.to(dt)
+                wd = w32.to(dt)
                 sp = ss.Sparse24.from_dense(w)
-                t_dense = t_dense32 if dt == torch.float32 else timeit(lambda: F.linear(x, w32.to(dt)), a.reps, a.min_time)
-                t_csr = None
+                fns = {"dense32": lambda: F.linear(x32, w32), "ours": lambda: ss.ops.sparse24_linear(x, sp.values, sp.meta)}
+                if dt != torch.float32:
+                    fns["dense"] = lambda: F.linear(x, wd)
                 if not a.no_csr and dt == torch.float32:
-                    t_csr = timeit(lambda: torch.mm(wcsr, x.t()).t(), a.reps, a.min_time)
-                t_ours = timeit(lambda: torch.ops.semisparse.sparse24_linear(x, sp.values, sp.meta, None), a.reps, a.min_time)
+                    fns["csr"] = lambda: torch.mm(wcsr, x.t()).t()
+                t = time_together(fns, a.reps, a.min_time)
+                t_dense32, t_ours = t["dense32"], t["ours"]
+                t_dense = t.get("dense", t_dense32)
+                t_csr = t.get("csr")
                 row = dict(n=n, k=k, m=m, dtype=dname, dense_fp32_ms=t_dense32 * 1e3, dense_ms=t_dense * 1e3,
                            csr_ms=None if t_csr is None else t_csr * 1e3, ours_ms=t_ours * 1e3,
                            ratio_dense=t_dense32 / t_dense, ratio_csr=None if t_csr is None else t_dense32 / t_csr,
-                           ratio_ours=t_dense32 / t_ours)
+                           ratio_ours=t_dense32 / t_ours, ours_vs_dense_same_dtype=t_dense / t_ours)
                 rows.append(row)
                 csr_s = "-" if t_csr is None else f"{t_csr * 1e3:8.2f}"
                 rcsr = "-" if t_csr is None else f"{t_dense32 / t_csr:5.2f}x"
                 print(f"{n:>5}x{k:<5} {m:>4} {t_dense32 * 1e3:11.2f} | {dname:>5} {t_dense * 1e3:8.2f} {csr_s:>8} "
-                      f"{t_ours * 1e3:9.2f} | {t_dense32 / t_dense:6.2f}x {rcsr:>6} {t_dense32 / t_ours:6.2f}x", flush=True)
+                      f"{t_ours * 1e3:9.2f} | {t_dense32 / t_dense:6.2f}x {rcsr:>6} {t_dense32 / t_ours:6.2f}x "
+                      f"{t_dense / t_ours:7.2f}x", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
