@@ -11,6 +11,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "sparse24/sparse24_checks.h"
 #include "sparse24/sparse24_cpu.h"
 
 namespace semisparse::sparse24 {
@@ -19,38 +20,10 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-DType to_dtype(const Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::F32;
-    case ScalarType::BFloat16: return DType::BF16;
-    case ScalarType::Half: return DType::F16;
-    case ScalarType::Double: return DType::F64;
-    default:
-      STD_TORCH_CHECK(false, "semisparse: ", what,
-                      " must be float32, bfloat16, float16 (or float64), got ",
-                      torch::headeronly::toString(t.scalar_type()));
-  }
-  return DType::F32;
-}
-
-int64_t meta_cols_for(int64_t K) { return (K + 7) / 8; }
+Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 void check_cpu(const Tensor& t, const char* what) {
   STD_TORCH_CHECK(t.is_cpu(), "semisparse: ", what, " must be a CPU tensor for this kernel");
-}
-
-void check_compressed(const Tensor& values, const Tensor& meta) {
-  STD_TORCH_CHECK(values.dim() == 2, "semisparse: values must be 2-D [N, K/2], got ",
-                  values.dim(), " dims");
-  STD_TORCH_CHECK(meta.dim() == 2, "semisparse: meta must be 2-D [N, ceil(K/8)], got ",
-                  meta.dim(), " dims");
-  STD_TORCH_CHECK(meta.scalar_type() == ScalarType::Byte, "semisparse: meta must be uint8");
-  const int64_t N = values.size(0), K = 2 * values.size(1);
-  STD_TORCH_CHECK(K % 4 == 0, "semisparse: values must have K/2 columns with K a multiple of 4, got ",
-                  values.size(1), " columns");
-  STD_TORCH_CHECK(meta.size(0) == N && meta.size(1) == meta_cols_for(K),
-                  "semisparse: meta must have shape [", N, ", ", meta_cols_for(K), "], got [",
-                  meta.size(0), ", ", meta.size(1), "]");
 }
 
 Tensor linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<Tensor> bias) {
@@ -73,11 +46,12 @@ Tensor linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<Tensor> bi
     STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "semisparse: bias must have shape [",
                     N, "]");
   }
-  Tensor xc = torch::stable::contiguous(x);
-  Tensor vc = torch::stable::contiguous(values);
-  Tensor mc = torch::stable::contiguous(meta);
+  // (each stable-ABI call is a trip through the dispatcher: skip it when there is nothing to do)
+  Tensor xc = contiguous(x);
+  Tensor vc = contiguous(values);
+  Tensor mc = contiguous(meta);
   std::optional<Tensor> bc;
-  if (bias.has_value()) bc = torch::stable::contiguous(*bias);
+  if (bias.has_value()) bc = contiguous(*bias);
   const int64_t M = K == 0 ? 0 : xc.numel() / K;
   std::vector<int64_t> out_sizes;
   for (int64_t d = 0; d + 1 < xc.dim(); ++d) out_sizes.push_back(xc.size(d));

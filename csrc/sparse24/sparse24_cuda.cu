@@ -25,6 +25,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "sparse24/sparse24_checks.h"
 #include "sparse24/sparse24_cpu.h"  // DType, kCodeFromMask (plain C++, shared with the CPU)
 
 #if !defined(USE_CUDA)
@@ -230,41 +231,15 @@ void launch_decompress(const void* values, const uint8_t* meta, void* dense, int
 }
 
 // ------------------------------------------------------------------- checking
-DType to_dtype(const Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::F32;
-    case ScalarType::BFloat16: return DType::BF16;
-    case ScalarType::Half: return DType::F16;
-    case ScalarType::Double: return DType::F64;
-    default:
-      STD_TORCH_CHECK(false, "semisparse: ", what,
-                      " must be float32, bfloat16, float16 (or float64), got scalar type ",
-                      static_cast<int>(t.scalar_type()));
-  }
-  return DType::F32;
-}
-
-int64_t meta_cols_for(int64_t K) { return (K + 7) / 8; }
-
 void check_cuda(const Tensor& t, const char* what) {
   STD_TORCH_CHECK(t.is_cuda(), "semisparse: ", what, " must be a CUDA tensor for this kernel");
 }
 
-void check_compressed(const Tensor& values, const Tensor& meta) {
+void check_compressed_cuda(const Tensor& values, const Tensor& meta) {
   STD_TORCH_CHECK(values.get_device_index() == meta.get_device_index(),
                   "semisparse: values and meta must be on the same CUDA device, got cuda:",
                   values.get_device_index(), " and cuda:", meta.get_device_index());
-  STD_TORCH_CHECK(values.dim() == 2, "semisparse: values must be 2-D [N, K/2], got ",
-                  values.dim(), " dims");
-  STD_TORCH_CHECK(meta.dim() == 2, "semisparse: meta must be 2-D [N, ceil(K/8)], got ",
-                  meta.dim(), " dims");
-  STD_TORCH_CHECK(meta.scalar_type() == ScalarType::Byte, "semisparse: meta must be uint8");
-  const int64_t N = values.size(0), K = 2 * values.size(1);
-  STD_TORCH_CHECK(K % 4 == 0, "semisparse: values must have K/2 columns with K a multiple of 4, got ",
-                  values.size(1), " columns");
-  STD_TORCH_CHECK(meta.size(0) == N && meta.size(1) == meta_cols_for(K),
-                  "semisparse: meta must have shape [", N, ", ", meta_cols_for(K), "], got [",
-                  meta.size(0), ", ", meta.size(1), "]");
+  check_compressed(values, meta);
 }
 
 // ------------------------------------------------------------------------ ops
@@ -297,7 +272,7 @@ std::tuple<Tensor, Tensor> compress_cuda(Tensor dense) {
 Tensor decompress_cuda(Tensor values, Tensor meta) {
   check_cuda(values, "values");
   check_cuda(meta, "meta");
-  check_compressed(values, meta);
+  check_compressed_cuda(values, meta);
   const DType t = to_dtype(values, "values");
   const int64_t N = values.size(0), K = 2 * values.size(1);
   const int32_t dev = values.get_device_index();
