@@ -20,7 +20,7 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 void check_cpu(const Tensor& t, const char* what) {
   STD_TORCH_CHECK(t.is_cpu(), "semisparse: ", what, " must be a CPU tensor for this kernel");
@@ -47,11 +47,11 @@ Tensor linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<Tensor> bi
                     N, "]");
   }
   // (each stable-ABI call is a trip through the dispatcher: skip it when there is nothing to do)
-  Tensor xc = contiguous(x);
-  Tensor vc = contiguous(values);
-  Tensor mc = contiguous(meta);
+  Tensor xc = contig(x);
+  Tensor vc = contig(values);
+  Tensor mc = contig(meta);
   std::optional<Tensor> bc;
-  if (bias.has_value()) bc = contiguous(*bias);
+  if (bias.has_value()) bc = contig(*bias);
   const int64_t M = K == 0 ? 0 : xc.numel() / K;
   std::vector<int64_t> out_sizes;
   for (int64_t d = 0; d + 1 < xc.dim(); ++d) out_sizes.push_back(xc.size(d));
