@@ -15,7 +15,7 @@ compress = torch.ops.semisparse.sparse24_compress
 decompress = torch.ops.semisparse.sparse24_decompress
 linear = torch.ops.semisparse.sparse24_linear
 
-MS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 100)
+MS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 100, 131)  # 131: every GEMM path, with tails
 KS = (20, 36, 100, 64, 256, 528)
 LEADING = ((), (3,), (2, 3))
 VALID_CODES = (4, 8, 9, 12, 13, 14)  # (0,1) (0,2) (1,2) (0,3) (1,3) (2,3)

@@ -1,7 +1,7 @@
 // AVX-512 BF16 kernel for bfloat16 at decode sizes (small M) of y = x @ W^T, W 2:4 in
 // the "cpu" layout. This translation unit alone is compiled with -mavx512f -mavx512bw
 // -mavx512bf16; it is entered only when cpuid reports all three (common/cpu_features.cpp).
-// Other dtypes and larger M run the AVX2 kernels.
+// Other dtypes, and 24 < M < 128, run the AVX2 kernels.
 //
 // A 2:4 group keeps exactly two weights, and vdpbf16ps multiplies pairs of bf16 and adds
 // both products into one fp32 lane: one lane per group. Per block of 64 columns (16
@@ -13,12 +13,19 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <new>
 
 #include "common/parallel.h"
 #include "sparse24/sparse24_cpu.h"
 
 namespace semisparse::sparse24 {
 namespace {
+
+struct FreeDeleter {
+  void operator()(void* q) const { std::free(q); }
+};
 
 inline int code_of(const uint8_t* m, int64_t g) { return (m[g >> 1] >> (4 * (g & 1))) & 15; }
 
@@ -88,11 +95,138 @@ void gemv_rows(const LinearProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// ------------------------------------------------------------------ GEMM path
+// Lanes are rows of W here, not rows of x. A group keeps one of 6 pairs (a, b) of its 4
+// columns; for every row m of x and group g a table holds the 6 pairs
+// (x[m][4g + a], x[m][4g + b]) as bf16 pairs (32 bytes with 2 unused). For 16 rows of W
+// at group g, a zmm holds their kept weight pairs and one holds their pair indices: one
+// vpermd turns the broadcast table row of (m, g) into each row's x pair, and one
+// vdpbf16ps adds both products for the 16 rows. The micro-kernel covers 64 rows of W x 4
+// rows of x (16 accumulators); the table row of (m, g) is loaded once for the 4 row
+// blocks, and the decoded weights of a 32-group chunk (16 KiB) stay in L1 while all rows
+// of x pass. The fp32 result accumulates in y's layout (rows of x major), so each
+// accumulator store is 16 consecutive outputs.
+constexpr int kPairs = 6;
+// code (idx0 | idx1 << 2) -> pair index; codes with idx0 >= idx1 never come out of
+// compress and are not a valid layout (they read pair 0).
+constexpr int8_t kPairOfCode[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 2, 4, 5, 0};
+constexpr int kPairA[kPairs] = {0, 0, 0, 1, 1, 2};
+constexpr int kPairB[kPairs] = {1, 2, 3, 2, 3, 3};
+constexpr int64_t kGc = 32;   // groups per chunk
+constexpr int64_t kSB = 64;   // rows of W per task (4 blocks of 16 lanes)
+constexpr int kMQ = 4;        // rows of x per micro-tile
+
+template <int MQ>
+inline void rl_kernel(const uint32_t* const* trow, const __m512i* vt, const __m512i* it, int64_t gn,
+                      float* const* crow, bool first) {
+  __m512 acc[4][MQ];
+  for (int b = 0; b < 4; ++b)
+    for (int i = 0; i < MQ; ++i) acc[b][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(crow[i] + 16 * b);
+  for (int64_t g = 0; g < gn; ++g) {
+    __m512i x6[MQ];
+    for (int i = 0; i < MQ; ++i)
+      x6[i] = _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(trow[i] + 8 * g)));
+    for (int b = 0; b < 4; ++b) {
+      const __m512i v = _mm512_load_si512(vt + b * kGc + g);
+      const __m512i ix = _mm512_load_si512(it + b * kGc + g);
+      for (int i = 0; i < MQ; ++i)
+        acc[b][i] = _mm512_dpbf16_ps(acc[b][i], (__m512bh)v, (__m512bh)_mm512_permutexvar_epi32(ix, x6[i]));
+    }
+  }
+  for (int b = 0; b < 4; ++b)
+    for (int i = 0; i < MQ; ++i) _mm512_storeu_ps(crow[i] + 16 * b, acc[b][i]);
+}
+
+void gemm(const LinearProblem& p) {
+  const int64_t M = p.M, N = p.N, K = p.K, G = K / 4;
+  const int64_t Npad = (N + kSB - 1) / kSB * kSB;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  auto alloc = [](size_t bytes) {
+    void* q = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!q) throw std::bad_alloc();
+    return q;
+  };
+  // pair table [M][G][8] (+ one zero row for the padding rows of the last micro-tile)
+  std::unique_ptr<uint32_t[], FreeDeleter> table(static_cast<uint32_t*>(alloc(static_cast<size_t>(M * G + G) * 32)));
+  std::unique_ptr<float[], FreeDeleter> cbuf(static_cast<float*>(alloc(static_cast<size_t>(M * Npad) * 4)));
+  std::unique_ptr<float[], FreeDeleter> cpad(static_cast<float*>(alloc(static_cast<size_t>(Npad) * 4)));
+  uint32_t* zero_row = table.get() + M * G * 8;
+  std::memset(zero_row, 0, static_cast<size_t>(G) * 32);
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        uint16_t q[4];
+        std::memcpy(q, x + m * K + 4 * g, 8);
+        uint32_t* t = table.get() + (m * G + g) * 8;
+        for (int pr = 0; pr < kPairs; ++pr)
+          t[pr] = static_cast<uint32_t>(q[kPairA[pr]]) | static_cast<uint32_t>(q[kPairB[pr]]) << 16;
+        t[6] = t[7] = 0;
+      }
+  });
+
+  const uint32_t* vals = static_cast<const uint32_t*>(p.values);  // one kept pair per group
+  const int64_t nsb = Npad / kSB;
+  for (int64_t gc = 0; gc < G; gc += kGc) {
+    const int64_t gn = std::min(kGc, G - gc);
+    parallel_for(0, nsb, 1, [&](int64_t s0, int64_t s1) {
+      alignas(64) __m512i vt[4 * kGc], it[4 * kGc];
+      for (int64_t sb = s0; sb < s1; ++sb) {
+        const int64_t n0 = sb * kSB;
+        // The 64 rows are read 128 bytes at a time, far apart: fetch the next block's
+        // slice of every row now, so it arrives while this block is computed.
+        if (sb + 1 < s1)
+          for (int64_t r = 0; r < kSB && n0 + kSB + r < N; ++r) {
+            const char* nv = reinterpret_cast<const char*>(vals + (n0 + kSB + r) * (K / 4) + gc);
+            for (int64_t o = 0; o < gn * 4; o += 64) _mm_prefetch(nv + o, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(p.meta + (n0 + kSB + r) * p.meta_cols + gc / 2), _MM_HINT_T1);
+          }
+        // decode rows [n0, n0 + 64) x groups [gc, gc + gn): lane r % 16 of block r / 16
+        uint32_t* vv = reinterpret_cast<uint32_t*>(vt);
+        int32_t* ii = reinterpret_cast<int32_t*>(it);
+        for (int64_t r = 0; r < kSB; ++r) {
+          const int64_t n = n0 + r, b = r / 16, lane = r % 16;
+          if (n < N) {
+            const uint32_t* vr = vals + n * (K / 4) + gc;
+            const uint8_t* mrow = p.meta + n * p.meta_cols;
+            for (int64_t g = 0; g < gn; ++g) {
+              const int64_t gg = gc + g;
+              vv[(b * kGc + g) * 16 + lane] = vr[g];
+              ii[(b * kGc + g) * 16 + lane] = kPairOfCode[(mrow[gg >> 1] >> (4 * (gg & 1))) & 15];
+            }
+          } else {
+            for (int64_t g = 0; g < gn; ++g) vv[(b * kGc + g) * 16 + lane] = ii[(b * kGc + g) * 16 + lane] = 0;
+          }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += kMQ) {
+          const uint32_t* trow[kMQ];
+          float* crow[kMQ];
+          for (int i = 0; i < kMQ; ++i) {
+            const bool ok = m0 + i < M;
+            trow[i] = ok ? table.get() + ((m0 + i) * G + gc) * 8 : zero_row;
+            crow[i] = ok ? cbuf.get() + (m0 + i) * Npad + n0 : cpad.get() + n0;
+          }
+          rl_kernel<kMQ>(trow, vt, it, gn, crow, gc == 0);
+        }
+      }
+    });
+  }
+  // y = bf16(C + bias)
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* c = cbuf.get() + m * Npad;
+      for (int64_t n = 0; n < N; ++n)
+        store_from_f32(p.y, m * N + n, p.dtype, c[n] + (p.bias ? load_as_f32(p.bias, n, p.dtype) : 0.0f));
+    }
+  });
+}
+
 }  // namespace
 
 int64_t bf16_gemv_max_m = 24;
+int64_t bf16_rowlane_min_m = 128;
 
 bool tune_avx512bf16(const char* key, int64_t value) {
+  if (std::strcmp(key, "bf16_rowlane_min_m") == 0) { bf16_rowlane_min_m = value; return true; }
   if (std::strcmp(key, "bf16_gemv_max_m") == 0) {
     bf16_gemv_max_m = value;
     return true;
@@ -101,7 +235,12 @@ bool tune_avx512bf16(const char* key, int64_t value) {
 }
 
 bool linear_avx512bf16(const LinearProblem& p) {
-  if (p.dtype != DType::BF16 || p.M > bf16_gemv_max_m) return false;
+  if (p.dtype != DType::BF16) return false;
+  if (p.M > bf16_gemv_max_m) {
+    if (p.M < bf16_rowlane_min_m) return false;  // the AVX2 GEMM is faster in between
+    gemm(p);
+    return true;
+  }
   // Rows split evenly over the threads; small problems stay on one thread.
   const int64_t per_row = std::max<int64_t>(1, p.K / 2 * p.M);
   const int64_t grain = std::max<int64_t>((int64_t(1) << 15) / per_row + 1,
