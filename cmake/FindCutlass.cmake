@@ -2,7 +2,12 @@
 # nvidia-cutlass==4.2.0.0); nothing is vendored. The wheel is located without
 # importing it (its import pulls cuda-python and friends). Override with
 # -DCUTLASS_DIR=... or the CUTLASS_DIR environment variable (a folder that holds
-# include/cutlass, or the wheel's cutlass_library/source).
+# include/cutlass, or the wheel's cutlass_library/source). When none is found (an
+# isolated build environment, say) and SEMISPARSE_FETCH_CUTLASS is ON, the wheel is
+# fetched with `pip download --no-deps` into the build folder and unpacked there; an
+# offline build without it goes on without CUTLASS (nothing needs it yet).
+option(SEMISPARSE_FETCH_CUTLASS "pip download the nvidia-cutlass wheel when its headers are not found" ON)
+set(SEMISPARSE_CUTLASS_VERSION "4.2.0.0")
 set(_cutlass_hints)
 if(DEFINED CUTLASS_DIR)
   list(APPEND _cutlass_hints ${CUTLASS_DIR})
@@ -16,6 +21,25 @@ execute_process(
   OUTPUT_VARIABLE _cutlass_py OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
 if(_cutlass_py)
   list(APPEND _cutlass_hints ${_cutlass_py})
+endif()
+set(_cutlass_fetched "${CMAKE_BINARY_DIR}/_cutlass/cutlass_library/source")
+list(APPEND _cutlass_hints ${_cutlass_fetched})
+if(SEMISPARSE_FETCH_CUTLASS AND NOT _cutlass_py AND NOT DEFINED CUTLASS_DIR AND NOT DEFINED ENV{CUTLASS_DIR}
+   AND NOT EXISTS "${_cutlass_fetched}/include/cutlass/cutlass.h")
+  message(STATUS "semisparse: fetching nvidia-cutlass==${SEMISPARSE_CUTLASS_VERSION} (headers only, --no-deps)")
+  execute_process(
+    COMMAND ${Python3_EXECUTABLE} -m pip download --no-deps --quiet --disable-pip-version-check
+            -d "${CMAKE_BINARY_DIR}/_cutlass_dl" "nvidia-cutlass==${SEMISPARSE_CUTLASS_VERSION}"
+    RESULT_VARIABLE _dl_rc OUTPUT_QUIET ERROR_QUIET)
+  file(GLOB _cutlass_whl "${CMAKE_BINARY_DIR}/_cutlass_dl/nvidia_cutlass-*.whl")
+  if(_dl_rc EQUAL 0 AND _cutlass_whl)
+    list(GET _cutlass_whl 0 _cutlass_whl)
+    file(MAKE_DIRECTORY "${CMAKE_BINARY_DIR}/_cutlass")
+    execute_process(COMMAND ${CMAKE_COMMAND} -E tar xf "${_cutlass_whl}"
+                    WORKING_DIRECTORY "${CMAKE_BINARY_DIR}/_cutlass" RESULT_VARIABLE _x_rc)
+  else()
+    message(STATUS "semisparse: could not download nvidia-cutlass (offline?); set CUTLASS_DIR")
+  endif()
 endif()
 set(SEMISPARSE_CUTLASS_INCLUDE "")
 foreach(_h IN LISTS _cutlass_hints)

@@ -1,0 +1,61 @@
+"""The ``semisparse`` command: ``info`` (JSON) and the built-in ``demo`` on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import semisparse
+from semisparse.cli import main
+from semisparse.demo import run_demo
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "semisparse", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+
+
+def test_info_json():
+    r = _cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["semisparse"] == semisparse.__version__
+    assert set(d["kernels"]) == {"sparse24_compress", "sparse24_decompress", "sparse24_linear"}
+    assert d["cpu_simd"] == semisparse.cpu_isa()
+    if not d["cuda_library"]["loaded"]:
+        assert d["cuda_library"]["reason"]  # absent CUDA kernels come with a reason
+
+
+def test_demo_tiny_end_to_end():
+    r = _cli("demo", "--hidden", "64", "--ffn", "128", "--layers", "2", "--heads", "4", "--tokens", "1,5",
+             "--reps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "swapped 14 Linear layer(s)" in r.stdout
+    assert "speedup" in r.stdout
+
+
+def test_demo_result_is_measured():
+    res = run_demo(d=32, f=64, layers=1, heads=2, tokens=(1, 3), reps=1, out=lambda *_: None)
+    assert res["swapped"] == 7
+    assert set(res["dense_ms"]) == set(res["sparse_ms"]) == {1, 3}
+    assert all(v > 0 for v in res["sparse_ms"].values())
+    # values + metadata: 0.5 + 1/32 of the fp32 weight bytes (norm weights stay)
+    assert res["sparse_bytes"] < 0.6 * res["dense_bytes"]
+    assert all(0.0 < c <= 1.0 + 1e-6 for c in res["cosine"].values())
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["demo", "--tokens", "1,x"], "--tokens"),
+        (["demo", "--tokens", "0"], "--tokens"),
+        (["demo", "--hidden", "66"], "--hidden"),
+        (["demo", "--hidden", "64", "--heads", "5"], "--heads"),
+    ],
+)
+def test_demo_bad_arguments(args, msg, capsys):
+    assert main(args) == 2
+    assert msg in capsys.readouterr().err
