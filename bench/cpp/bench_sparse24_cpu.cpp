@@ -3,7 +3,7 @@
 //   bench_sparse24_cpu [N K M dtype reps [variant ...]]   defaults: 4096 4096 1 fp32 50
 //   dtype: fp32 | bf16 | fp16;  SEMISPARSE_CPU_ISA=scalar forces the generic path.
 //   variant: "key=value[,key=value]": isa=0|1|3 (scalar, avx2_fma, avx512_bf16) and the
-//   schedule thresholds gemv_max_m (AVX2), bf16_gemv_max_m and bf16_rowlane_min_m (AVX-512 BF16);
+//   schedule thresholds gemv_max_m (AVX2), bf16_gemv_max_m (AVX-512 BF16);
 //   with several variants the runs are interleaved round-robin so that
 //   a noisy machine affects all of them alike, and one line is printed per variant.
 //

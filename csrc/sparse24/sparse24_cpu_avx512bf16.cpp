@@ -1,15 +1,19 @@
-// AVX-512 BF16 kernel for bfloat16 at decode sizes (small M) of y = x @ W^T, W 2:4 in
-// the "cpu" layout. This translation unit alone is compiled with -mavx512f -mavx512bw
-// -mavx512bf16; it is entered only when cpuid reports all three (common/cpu_features.cpp).
-// Other dtypes, and 24 < M < 128, run the AVX2 kernels.
+// AVX-512 BF16 kernels for bfloat16 y = x @ W^T, W 2:4 in the "cpu" layout. This
+// translation unit alone is compiled with -mavx512f -mavx512bw -mavx512bf16; it is
+// entered only when cpuid reports all three (common/cpu_features.cpp). Other dtypes run
+// the AVX2 kernels. Both paths rest on one fact: a 2:4 group keeps exactly two weights,
+// and vdpbf16ps multiplies pairs of bf16 and adds both products into one fp32 lane.
 //
-// A 2:4 group keeps exactly two weights, and vdpbf16ps multiplies pairs of bf16 and adds
-// both products into one fp32 lane: one lane per group. Per block of 64 columns (16
-// groups, 32 kept weights) the 64 metadata bits become one 16-bit-lane permutation
-// (vpermt2w) that gathers each group's two x entries from two 32-wide loads of bf16 x,
-// next to the group's two weights. Per x row: 2 loads, 1 permute, 1 vdpbf16ps per 32
-// kept weights; x and W are read as bf16 with no conversion. The products of two bf16
-// are exact in fp32; sums are rounded to nearest even (vdpbf16ps flushes denormals).
+// M <= 16 (decode): one lane per group. Per block of 64 columns (16 groups, 32 kept
+// weights) the 64 metadata bits become one 16-bit-lane permutation (vpermt2w) that
+// gathers each group's two x entries from two 32-wide loads of bf16 x, next to the
+// group's two weights. Per x row: 2 loads, 1 permute, 1 vdpbf16ps per 32 kept weights;
+// x and W are read as bf16 with no conversion.
+//
+// M > 16: one lane per row of W (see gemm below).
+//
+// The products of two bf16 are exact in fp32; sums are rounded to nearest even
+// (vdpbf16ps flushes denormals).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -103,8 +107,8 @@ void gemv_rows(const LinearProblem& p, int64_t n0, int64_t n1) {
 // vpermd turns the broadcast table row of (m, g) into each row's x pair, and one
 // vdpbf16ps adds both products for the 16 rows. The micro-kernel covers 64 rows of W x 4
 // rows of x (16 accumulators); the table row of (m, g) is loaded once for the 4 row
-// blocks, and the decoded weights of a 32-group chunk (16 KiB) stay in L1 while all rows
-// of x pass. The fp32 result accumulates in y's layout (rows of x major), so each
+// blocks, and the decoded weights of a 32-group chunk (16 KiB, transposed with 16 x 16
+// register transposes) stay in L1 while all rows of x pass. The fp32 result accumulates in y's layout (rows of x major), so each
 // accumulator store is 16 consecutive outputs.
 constexpr int kPairs = 6;
 // code (idx0 | idx1 << 2) -> pair index; codes with idx0 >= idx1 never come out of
@@ -115,6 +119,48 @@ constexpr int kPairB[kPairs] = {1, 2, 3, 2, 3, 3};
 constexpr int64_t kGc = 32;   // groups per chunk
 constexpr int64_t kSB = 64;   // rows of W per task (4 blocks of 16 lanes)
 constexpr int kMQ = 4;        // rows of x per micro-tile
+
+// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15]
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
+  }
+}
+
+// Pair indices of the 16 groups [g, g + 16) of a row (g even): its 8 metadata bytes,
+// each byte's two codes in two lanes, mapped through kPairOfCode.
+inline __m512i pair_index16(const uint8_t* mrow, int64_t g) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mrow + g / 2));
+  const __m128i dup = _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+  __m512i c = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(dup),
+                                _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
+  c = _mm512_and_si512(c, _mm512_set1_epi32(15));
+  const __m512i lut = _mm512_setr_epi32(kPairOfCode[0], kPairOfCode[1], kPairOfCode[2], kPairOfCode[3],
+                                        kPairOfCode[4], kPairOfCode[5], kPairOfCode[6], kPairOfCode[7],
+                                        kPairOfCode[8], kPairOfCode[9], kPairOfCode[10], kPairOfCode[11],
+                                        kPairOfCode[12], kPairOfCode[13], kPairOfCode[14], kPairOfCode[15]);
+  return _mm512_permutexvar_epi32(c, lut);
+}
 
 template <int MQ>
 inline void rl_kernel(const uint32_t* const* trow, const __m512i* vt, const __m512i* it, int64_t gn,
@@ -183,6 +229,21 @@ void gemm(const LinearProblem& p) {
         // decode rows [n0, n0 + 64) x groups [gc, gc + gn): lane r % 16 of block r / 16
         uint32_t* vv = reinterpret_cast<uint32_t*>(vt);
         int32_t* ii = reinterpret_cast<int32_t*>(it);
+        if (gn == kGc && n0 + kSB <= N) {
+          // whole tile: 16 x 16 transposes of rows' values and pair indices
+          for (int b = 0; b < 4; ++b)
+            for (int h = 0; h < kGc / 16; ++h) {
+              __m512i q[16];
+              for (int r = 0; r < 16; ++r)
+                q[r] = _mm512_loadu_si512(vals + (n0 + 16 * b + r) * (K / 4) + gc + 16 * h);
+              transpose16(q);
+              for (int g = 0; g < 16; ++g) _mm512_store_si512(vt + b * kGc + 16 * h + g, q[g]);
+              for (int r = 0; r < 16; ++r)
+                q[r] = pair_index16(p.meta + (n0 + 16 * b + r) * p.meta_cols, gc + 16 * h);
+              transpose16(q);
+              for (int g = 0; g < 16; ++g) _mm512_store_si512(it + b * kGc + 16 * h + g, q[g]);
+            }
+        } else
         for (int64_t r = 0; r < kSB; ++r) {
           const int64_t n = n0 + r, b = r / 16, lane = r % 16;
           if (n < N) {
@@ -222,11 +283,9 @@ void gemm(const LinearProblem& p) {
 
 }  // namespace
 
-int64_t bf16_gemv_max_m = 24;
-int64_t bf16_rowlane_min_m = 128;
+int64_t bf16_gemv_max_m = 16;
 
 bool tune_avx512bf16(const char* key, int64_t value) {
-  if (std::strcmp(key, "bf16_rowlane_min_m") == 0) { bf16_rowlane_min_m = value; return true; }
   if (std::strcmp(key, "bf16_gemv_max_m") == 0) {
     bf16_gemv_max_m = value;
     return true;
@@ -237,7 +296,6 @@ bool tune_avx512bf16(const char* key, int64_t value) {
 bool linear_avx512bf16(const LinearProblem& p) {
   if (p.dtype != DType::BF16) return false;
   if (p.M > bf16_gemv_max_m) {
-    if (p.M < bf16_rowlane_min_m) return false;  // the AVX2 GEMM is faster in between
     gemm(p);
     return true;
   }
