@@ -351,3 +351,22 @@ def test_sparse24_from_dense_on_weight():
     sp = Sparse24.from_dense(w)
     assert torch.equal(sl.meta, sp.meta)
     assert_bit_equal(sl.values.detach(), sp.values)
+
+
+def test_load_state_dict_rejects_invalid_metadata():
+    lin = torch.nn.Linear(16, 4)
+    mod = SparseLinear.from_dense(lin)
+    sd = {k: v.clone() for k, v in mod.state_dict().items()}
+    sd["meta"][2, 1] = 0x45  # group 3 of row 2: code 0b0100 ok, group 2: code 0b0101 keeps position 1 twice
+    with pytest.raises(ValueError, match=r"row 2, columns 8\.\.11"):
+        SparseLinear(16, 4).load_state_dict(sd)
+    sd["meta"][2, 1] = 0x84  # valid: (0,1) and (0,2)
+    SparseLinear(16, 4).load_state_dict(sd)
+
+
+def test_sparse24_constructor_rejects_invalid_metadata():
+    sp = Sparse24.from_dense(torch.randn(3, 8), prune=True)
+    meta = sp.meta.clone()
+    meta[0, 0] = 0x4E & 0x0F | 0x30  # group 1 gets code 0b0011: positions 3 and 0, out of order
+    with pytest.raises(ValueError, match="invalid 2:4 metadata"):
+        Sparse24(sp.values, meta, sp.shape)

@@ -114,6 +114,8 @@ class Sparse24:
             raise ValueError(
                 f"Sparse24: {layout} meta must be {mdt} of shape {want}, got {meta.dtype} {tuple(meta.shape)}"
             )
+        if layout == "cpu" and meta.device.type != "meta":
+            _ops.check_meta(meta, k, where="Sparse24")
         self.values, self.meta, self.shape, self.layout = values, meta, shape, layout
 
     # -------------------------------------------------------------- building

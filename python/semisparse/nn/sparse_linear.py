@@ -86,6 +86,13 @@ class SparseLinear(nn.Module):
         mod.values.requires_grad_(linear.weight.requires_grad)
         return mod
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a loaded state dict must hold a valid 2:4 pattern (nothing else checks it later)
+        meta = state_dict.get(prefix + "meta")
+        if isinstance(meta, torch.Tensor) and meta.dtype == torch.uint8 and meta.shape == self.meta.shape:
+            _ops.check_meta(meta, self.in_features, where=f"SparseLinear.load_state_dict({prefix}meta)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return torch.ops.semisparse.sparse24_linear(input, self.values, self.meta, self.bias)

@@ -25,6 +25,7 @@ __all__ = [
     "meta_cols",
     "codes_from_meta",
     "kept_columns",
+    "check_meta",
     "compress_reference",
     "decompress_reference",
     "linear_reference",
@@ -85,6 +86,21 @@ def kept_columns(meta: torch.Tensor, k: int) -> torch.Tensor:
     base = torch.arange(0, k, 4, device=meta.device, dtype=torch.int64)
     cols = torch.stack((base + (codes & 3), base + (codes >> 2)), dim=-1)
     return cols.reshape(meta.shape[0], k // 2)
+
+
+def check_meta(meta: torch.Tensor, k: int, where: str = "meta") -> None:
+    """Raise ValueError unless every 4-bit code of ``meta`` (layout "cpu", K columns) names
+    two distinct kept positions in increasing order, as compress writes them. Kernels
+    read any code, but codes outside that set are not a 2:4 layout."""
+    codes = codes_from_meta(meta, k)
+    bad = (codes & 3) >= (codes >> 2)
+    if bool(bad.any()):
+        r, g = (int(i) for i in bad.nonzero()[0])
+        c = int(codes[r, g])
+        raise ValueError(
+            f"{where}: invalid 2:4 metadata at row {r}, columns {4 * g}..{4 * g + 3}: code {c:#06b} "
+            f"keeps positions {c & 3} and {c >> 2} (expected two distinct positions, the lower first)"
+        )
 
 
 def decompress_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
