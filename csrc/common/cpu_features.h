@@ -7,8 +7,8 @@
 
 namespace semisparse {
 
-// x86 paths nest: Avx512Bf16 is Avx2Fma plus an AVX-512 BF16 kernel for bfloat16 at
-// decode sizes (everything else runs the AVX2 kernels).
+// x86 paths nest: Avx512Bf16 is Avx2Fma plus the AVX-512 BF16 kernels for bfloat16
+// (other dtypes run the AVX2 kernels).
 enum class CpuIsa : int { Scalar = 0, Avx2Fma = 1, Neon = 2, Avx512Bf16 = 3 };
 
 // The path the kernels use now.

@@ -79,8 +79,10 @@ struct LinearProblem {
 void linear_generic(const LinearProblem& p);
 #if defined(SEMISPARSE_HAVE_AVX2_TU)
 void linear_avx2(const LinearProblem& p);
-// bfloat16 at small M on AVX-512 BF16; false (nothing done) otherwise.
+// bfloat16 on AVX-512 BF16; false (nothing done) for other dtypes.
 bool linear_avx512bf16(const LinearProblem& p);
+// Set a schedule threshold of the AVX-512 BF16 kernels ("bf16_gemv_max_m"); false for
+// an unknown key. For the microbenchmark's A/B runs.
 bool tune_avx512bf16(const char* key, int64_t value);
 // Set a schedule threshold of the AVX2 kernels ("gemv_max_m");
 // false for an unknown key. For the microbenchmark's A/B runs.

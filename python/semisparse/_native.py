@@ -99,7 +99,7 @@ def _isa_call(fn: str) -> str:
 
 def cpu_isa() -> str:
     """The SIMD path the CPU kernels use now: ``avx512_bf16`` (the AVX2+FMA kernels plus an
-    AVX-512 BF16 kernel for bfloat16 at small batch), ``avx2_fma``, ``neon`` or ``scalar``."""
+    AVX-512 BF16 kernels for bfloat16), ``avx2_fma``, ``neon`` or ``scalar``."""
     return _isa_call("semisparse_cpu_isa")
 
 
