@@ -6,8 +6,8 @@
 //  * M <= kGemvMaxM (decode sizes, memory bound): each output row streams its values and
 //    metadata once; every block of 8 kept values (16 columns) turns its 16 metadata bits
 //    into a permutation that gathers the matching 8 entries of x from two 8-wide loads.
-//  * larger M (compute bound): x is packed once into fp32 panels of 24 rows (8 or 16 for the last),
-//    transposed (panel[k][0..W)), so one kept weight w at column k contributes
+//  * larger M (compute bound): x is packed once into fp32 panels of 24 rows (8 or 16 for
+//    the last), transposed (panel[k][0..W)), so one kept weight w at column k contributes
 //    w * panel[k][:] to W accumulator lanes: a broadcast and one FMA per 8 MACs, with no
 //    multiply by a pruned zero. Weights are decoded per (row block, K chunk) into fp32
 //    values and column indices and reused across all panels; the K chunk keeps a panel's
@@ -26,8 +26,9 @@
 namespace semisparse::sparse24 {
 namespace {
 
-// Schedule thresholds (tunable at run time through semisparse_cpu_tune for A/B runs of the
-// microbenchmark; the defaults are the measured best on a 2-core Zen 3).
+// Largest M for the GEMV path: settable through tune_avx2 for A/B runs of the
+// microbenchmark (not meant to change while a kernel runs); 8 measured best on the 2-core
+// Zen 4 of docs/BENCHMARKS.md.
 int64_t kGemvMaxM = 8;
 
 constexpr int64_t kKC = 192;  // K chunk (columns); multiple of 16. 192 x 24 fp32 = 18 KiB of L1
