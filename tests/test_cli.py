@@ -10,7 +10,7 @@ import torch
 
 import semisparse
 from semisparse.cli import main
-from semisparse.demo import run_demo
+from semisparse.demo.speed import run_demo
 
 
 def _cli(*args):
@@ -29,15 +29,15 @@ def test_info_json():
         assert d["cuda_library"]["reason"]  # absent CUDA kernels come with a reason
 
 
-def test_demo_tiny_end_to_end():
-    r = _cli("demo", "--hidden", "64", "--ffn", "128", "--layers", "2", "--heads", "4", "--tokens", "1,5",
-             "--reps", "1")
+def test_demo_quick_end_to_end():
+    r = _cli("demo", "--quick", "--seed", "1")
     assert r.returncode == 0, r.stderr
-    assert "swapped 14 Linear layer(s)" in r.stdout
-    assert "speedup" in r.stdout
+    out = r.stdout
+    for word in ("dense", "magnitude", "wanda", "sparsegpt", "speedup", "perplexity"):
+        assert word in out, (word, out)
 
 
-def test_demo_result_is_measured():
+def test_bench_model_speed_demo():
     res = run_demo(d=32, f=64, layers=1, heads=2, tokens=(1, 3), reps=1, out=lambda *_: None)
     assert res["swapped"] == 7
     assert set(res["dense_ms"]) == set(res["sparse_ms"]) == {1, 3}
@@ -50,10 +50,11 @@ def test_demo_result_is_measured():
 @pytest.mark.parametrize(
     "args, msg",
     [
-        (["demo", "--tokens", "1,x"], "--tokens"),
-        (["demo", "--tokens", "0"], "--tokens"),
-        (["demo", "--hidden", "66"], "--hidden"),
-        (["demo", "--hidden", "64", "--heads", "5"], "--heads"),
+        (["demo", "--steps", "0"], "--steps"),
+        (["demo", "--device", "cuda:7"], "--device"),
+        (["prune", "--model", "x", "--method", "obs", "--out", "y"], "--method"),
+        (["prune", "--model", "x", "--method", "magnitude", "--pattern", "2-4", "--out", "y"], "2-4"),
+        (["prune", "--model", "x", "--method", "wanda", "--out", "y"], "--calib"),
     ],
 )
 def test_demo_bad_arguments(args, msg, capsys):

@@ -5,7 +5,12 @@ from ._native import cpu_isa, set_cpu_isa
 from ._native import status as native_status
 from .formats import Sparse24, nm_mask
 from .nn import SparseLinear
+from .pruning import parse_pattern, prune
 from .sparsify import SparsifyReport, sparsify
+from .data import calibration_samples, eval_tokens, load_text
+from .eval import fidelity, perplexity
+from .hf import load_pretrained, save_pretrained
+from .masks import apply_masks, load_masks, save_masks
 
 __version__ = "0.1.0"
 
@@ -13,10 +18,22 @@ __all__ = [
     "Sparse24",
     "SparseLinear",
     "SparsifyReport",
+    "apply_masks",
+    "calibration_samples",
+    "eval_tokens",
+    "fidelity",
+    "load_masks",
+    "load_pretrained",
+    "load_text",
+    "perplexity",
+    "save_masks",
+    "save_pretrained",
     "cpu_isa",
     "native_status",
     "nm_mask",
     "ops",
+    "parse_pattern",
+    "prune",
     "set_cpu_isa",
     "sparsify",
     "__version__",

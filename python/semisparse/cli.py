@@ -1,18 +1,47 @@
-"""The ``semisparse`` command."""
+"""The ``semisparse`` command: info, demo, bench, prune, eval.
+
+Every command prints what it is doing and exits non-zero with a one-line reason on bad
+input (``semisparse <command>: error: ...``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class UsageError(ValueError):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def _device(name: str) -> torch.device:
+    try:
+        d = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device: {e}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: torch sees no CUDA device")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
+def _add_device_dtype(s: argparse.ArgumentParser, dtype_default: str = "fp32") -> None:
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), default=dtype_default)
+
+
+# --------------------------------------------------------------------- info
 def _cmd_info(a) -> int:
     from .info import format_info, info
 
@@ -21,30 +50,120 @@ def _cmd_info(a) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- demo
 def _cmd_demo(a) -> int:
-    from .demo import run_demo
+    from .demo import DemoConfig, run_demo
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        tokens = tuple(int(t) for t in a.tokens.split(","))
-    except ValueError:
-        print(f"semisparse demo: --tokens expects comma-separated integers, got {a.tokens!r}", file=sys.stderr)
-        return 2
-    if any(t < 1 for t in tokens):
-        print(f"semisparse demo: --tokens must be positive, got {a.tokens!r}", file=sys.stderr)
-        return 2
-    for name, v, mult in (("--hidden", a.hidden, 4), ("--ffn", a.ffn, 4)):
-        if v < 4 or v % mult:
-            print(f"semisparse demo: {name} must be a positive multiple of {mult}, got {v}", file=sys.stderr)
-            return 2
-    if a.hidden % a.heads:
-        print(f"semisparse demo: --hidden ({a.hidden}) must be divisible by --heads ({a.heads})", file=sys.stderr)
-        return 2
-    run_demo(d=a.hidden, f=a.ffn, layers=a.layers, heads=a.heads, tokens=tokens, dtype=_DTYPES[a.dtype], reps=a.reps, seed=a.seed)
+    if a.steps < 1:
+        raise UsageError(f"--steps must be positive, got {a.steps}")
+    cfg = DemoConfig(seed=a.seed, steps=a.steps, dtype=_DTYPES[a.dtype], device=str(_device(a.device)))
+    if a.quick:
+        cfg.train_sentences, cfg.heldout_sentences, cfg.steps, cfg.nsamples = 4000, 400, min(a.steps, 40), 16
+        cfg.hidden, cfg.ffn, cfg.layers, cfg.heads, cfg.time_tokens = 64, 128, 2, 4, (1, 32)
+    print(f"semisparse demo: train a small Llama on a synthetic language, prune it at {cfg.pattern} "
+          f"with {', '.join(cfg.methods)}, compress it (seed {cfg.seed}, {cfg.device}, {a.dtype})")
+    run_demo(cfg)
     return 0
 
 
+# -------------------------------------------------------------------- bench
+def _cmd_bench(a) -> int:
+    if a.model:
+        from .demo.speed import run_demo as speed_demo
+
+        speed_demo(dtype=_DTYPES[a.dtype if a.dtype else "fp32"], reps=a.reps)
+        return 0
+    from .bench import run
+
+    if a.dtype:
+        a.dtypes = a.dtype
+    return run(a)
+
+
+# -------------------------------------------------------------------- prune
+def _load_model(path: str, device, dtype):
+    from .hf import load_pretrained
+
+    print(f"loading {path} ...", flush=True)
+    return load_pretrained(path, device=device, dtype=dtype)
+
+
+def _load_tokenizer(path: str):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError("this command needs transformers (pip install transformers)") from None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise UsageError(f"cannot load a tokenizer from {path}: {e}".splitlines()[0]) from None
+
+
+def _cmd_prune(a) -> int:
+    import semisparse
+    from .data import calibration_samples, load_text
+    from .hf import save_pretrained
+    from .masks import save_masks
+
+    device, dtype = _device(a.device), _DTYPES[a.dtype]
+    if a.method not in semisparse.pruning.METHODS:
+        raise UsageError(f"--method must be one of {', '.join(semisparse.pruning.METHODS)}, got {a.method!r}")
+    semisparse.parse_pattern(a.pattern)  # raises ValueError listing the valid forms
+    needs_calib = a.method != "magnitude"
+    if needs_calib and not a.calib:
+        raise UsageError(f"--method {a.method} needs --calib (a text file, a folder of text files or a dataset)")
+    model = _load_model(a.model, device, dtype)
+    tok = _load_tokenizer(a.model) if needs_calib or a.save_tokenizer else None
+    calib = None
+    if needs_calib:
+        text = load_text(a.calib, split=a.split, download=a.download)
+        calib = calibration_samples(text, tok, a.nsamples, a.seqlen, seed=a.seed)
+        print(f"calibration: {a.nsamples} x {a.seqlen} tokens from {a.calib} (seed {a.seed})")
+    t0 = time.perf_counter()
+    options = {}
+    if a.method == "sparsegpt":
+        options = {"update": not a.no_update, "damp": a.damp, "blocksize": a.blocksize}
+    masks = semisparse.prune(model, a.method, pattern=a.pattern, calib=calib, targets=a.targets,
+                             exclude=a.exclude, strict=a.strict, **options)
+    print(f"pruned {len(masks)} layers with {a.method} at {a.pattern} in {time.perf_counter() - t0:.1f} s")
+    meta = {"method": a.method, "pattern": a.pattern, "calib": a.calib, "nsamples": a.nsamples,
+            "seqlen": a.seqlen, "seed": a.seed, "options": options}
+    save_pretrained(model, a.out, tokenizer=tok, compress=a.compress, masks=masks, metadata=meta,
+                    overwrite=a.overwrite)
+    print(f"wrote {a.out} ({'compressed 2:4 weights' if a.compress else 'masked dense weights'})")
+    if a.masks_out:
+        save_masks(masks, a.masks_out, metadata=meta)
+        print(f"wrote masks to {a.masks_out}")
+    return 0
+
+
+# --------------------------------------------------------------------- eval
+def _cmd_eval(a) -> int:
+    from .data import eval_tokens, load_text
+    from .eval import fidelity, perplexity
+
+    device, dtype = _device(a.device), _DTYPES[a.dtype]
+    model = _load_model(a.model, device, dtype)
+    tok = _load_tokenizer(a.tokenizer or a.model)
+    text = load_text(a.data, split=a.split, download=a.download)
+    tokens = eval_tokens(text, tok)
+    if a.max_tokens:
+        tokens = tokens[:, : a.max_tokens]
+    if a.reference:
+        ref = _load_model(a.reference, device, dtype)
+        f = fidelity(model, ref, tokens, seqlen=a.seqlen)
+        print(f"fidelity (mean cosine of last hidden states vs {a.reference}): {f:.6f} on {tokens.numel()} tokens")
+        return 0
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise UsageError(f"{a.model} has no language-model head: pass --reference DENSE_DIR for fidelity")
+    ppl = perplexity(model, tokens, seqlen=a.seqlen, stride=a.stride)
+    print(f"perplexity: {ppl:.4f} on {tokens.numel()} tokens (window {a.seqlen}, stride {a.stride or a.seqlen})")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semisparse", description="Semi-structured sparsity for PyTorch transformers.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -53,23 +172,71 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_info)
 
-    s = sub.add_parser("demo", help="make a built-in decoder 2:4 sparse and time it against dense")
-    s.add_argument("--hidden", type=int, default=1024)
-    s.add_argument("--ffn", type=int, default=2816)
-    s.add_argument("--layers", type=int, default=4)
-    s.add_argument("--heads", type=int, default=16)
-    s.add_argument("--tokens", default="1,64", help="comma-separated prefill lengths to time")
-    s.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    s.add_argument("--reps", type=int, default=5)
+    s = sub.add_parser("demo", help="train a small model on a synthetic language, prune it three ways, compress it")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=900, help="training steps")
+    s.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
     s.add_argument("--threads", type=int, default=None)
+    _add_device_dtype(s)
     s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("bench", help="the CPU 2:4 kernel benchmark table (dense, CSR, ours)")
+    from .bench import add_arguments
+
+    add_arguments(s)
+    s.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="one dtype instead of --dtypes")
+    s.add_argument("--model", action="store_true", help="time a built-in random-weight decoder instead")
+    s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("prune", help="prune a Hugging Face model and save it")
+    s.add_argument("--model", required=True, help="a local Hugging Face model folder")
+    s.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt")
+    s.add_argument("--pattern", default="2:4", help="N:M (2:4, 1:4, 4:8) or unstructured:<ratio>")
+    s.add_argument("--calib", default=None, help="text file, folder of text files, or dataset (wikitext2, c4, hf:NAME...)")
+    s.add_argument("--nsamples", type=int, default=128)
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder (written only if the run succeeds)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.add_argument("--compress", action="store_true", help="store 2:4 layers compressed (SparseLinear)")
+    s.add_argument("--masks-out", default=None, help="also write the masks (bit-packed safetensors)")
+    s.add_argument("--targets", nargs="*", default=None, help="module name patterns to prune")
+    s.add_argument("--exclude", nargs="*", default=None, help="module name patterns to leave dense")
+    s.add_argument("--strict", action="store_true", help="error instead of skipping layers that do not fit the pattern")
+    s.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag)")
+    s.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    s.add_argument("--no-update", action="store_true", help="SparseGPT without the weight update (mask only)")
+    s.add_argument("--save-tokenizer", action="store_true", help="copy the tokenizer even for magnitude")
+    s.add_argument("--split", default=None, help="dataset split for a dataset --calib (default: train)")
+    s.add_argument("--download", action="store_true", help="let a dataset --calib be downloaded (default: local cache only)")
+    _add_device_dtype(s)
+    s.set_defaults(fn=_cmd_prune)
+
+    s = sub.add_parser("eval", help="perplexity (or fidelity to a dense reference) of a model")
+    s.add_argument("--model", required=True, help="a local model folder (plain or saved by semisparse prune)")
+    s.add_argument("--data", required=True, help="text file, folder of text files, or dataset")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    s.add_argument("--seqlen", type=int, default=2048, help="window length")
+    s.add_argument("--stride", type=int, default=None, help="window stride (default: --seqlen)")
+    s.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
+    s.add_argument("--reference", default=None, help="dense model folder: report fidelity instead of perplexity")
+    s.add_argument("--split", default=None, help="dataset split for a dataset --data (default: the spec's, else train)")
+    s.add_argument("--download", action="store_true", help="let a dataset --data be downloaded (default: local cache only)")
+    _add_device_dtype(s)
+    s.set_defaults(fn=_cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return a.fn(a)
+    try:
+        return a.fn(a)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        if os.environ.get("SEMISPARSE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"semisparse {a.cmd}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The built-in demo: a LLaMA-shaped decoder (random weights) made 2:4 sparse with
+"""`semisparse bench --model`: a LLaMA-shaped decoder (random weights) made 2:4 sparse with
 ``sparsify``, timed and measured against its dense self on this machine."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparsify import sparsify
+from ..sparsify import sparsify
 
 __all__ = ["TinyDecoder", "run_demo"]
 
