@@ -152,7 +152,7 @@ def perplexity(
     kwargs = _call_kwargs(model)
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
-    with _eval_mode(model), tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress) as bar:
+    with _eval_mode(model), tqdm(total=len(windows), desc="perplexity", unit="window", disable=None if progress else True) as bar:
         for batch in batches:
             x = torch.stack([tokens[r, b:e] for r, b, e, _ in batch]).to(device)
             logits = _logits(model(x, **kwargs))
@@ -265,7 +265,7 @@ def fidelity(
     if isinstance(tokens_or_batches, torch.Tensor):
         n_batches = sum(1 for _ in _fidelity_batches(tokens_or_batches, seqlen, batch_size))
     with _eval_mode(model, reference_model), tqdm(total=n_batches, desc="fidelity", unit="batch",
-                                                   disable=not progress) as bar:
+                                                   disable=None if progress else True) as bar:
         for inputs in _fidelity_batches(tokens_or_batches, seqlen, batch_size):
             hs = []
             for m, dev, st in zip((model, reference_model), devs, states):
