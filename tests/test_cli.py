@@ -60,3 +60,63 @@ def test_bench_model_speed_demo():
 def test_demo_bad_arguments(args, msg, capsys):
     assert main(args) == 2
     assert msg in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- prune / eval end to end
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained, with a word-level tokenizer, and a text."""
+    from semisparse.demo.language import generate_corpus, word_tokenizer
+
+    tok = word_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=None, eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "train.txt").write_text(generate_corpus(400, seed=0))
+    (d / "test.txt").write_text(generate_corpus(100, seed=1))
+    return d
+
+
+@pytest.mark.parametrize("method, compress", [("magnitude", False), ("wanda", True), ("sparsegpt", True)])
+def test_prune_then_eval(llama_dir, tmp_path, method, compress):
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(llama_dir / "model"), "--method", method, "--pattern", "2:4",
+            "--calib", str(llama_dir / "train.txt"), "--nsamples", "4", "--seqlen", "16", "--out", str(out),
+            "--masks-out", str(tmp_path / "masks.safetensors")]
+    if compress:
+        args.append("--compress")
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file() and (out / "semisparse.json").is_file()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left behind
+    model = semisparse.load_pretrained(out)
+    masks, meta = semisparse.load_masks(tmp_path / "masks.safetensors")
+    assert meta["method"] == method and len(masks) == 14  # 7 Linear layers x 2 blocks
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("proj")}
+    assert kinds == ({"SparseLinear"} if compress else {"Linear"})
+    r = _cli("eval", "--model", str(out), "--data", str(llama_dir / "test.txt"), "--seqlen", "32")
+    assert r.returncode == 0, r.stderr
+    ppl = float(r.stdout.split("perplexity:")[1].split()[0])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = semisparse.eval_tokens((llama_dir / "test.txt").read_text(), tok)
+    assert ppl == pytest.approx(semisparse.perplexity(model, ids, seqlen=32, progress=False), rel=1e-4)
+
+
+def test_prune_bad_inputs(llama_dir, tmp_path):
+    model = str(llama_dir / "model")
+    r = _cli("prune", "--model", str(tmp_path), "--method", "magnitude", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "error" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("prune", "--model", model, "--method", "wanda", "--calib", str(llama_dir / "test.txt"),
+             "--nsamples", "1000", "--seqlen", "512", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "tokens" in r.stderr and not (tmp_path / "o").exists()
+    (tmp_path / "exists").mkdir()
+    r = _cli("prune", "--model", model, "--method", "magnitude", "--out", str(tmp_path / "exists"))
+    assert r.returncode == 2 and "exists" in r.stderr

@@ -115,7 +115,14 @@ def _cmd_prune(a) -> int:
     if needs_calib and not a.calib:
         raise UsageError(f"--method {a.method} needs --calib (a text file, a folder of text files or a dataset)")
     model = _load_model(a.model, device, dtype)
-    tok = _load_tokenizer(a.model) if needs_calib or a.save_tokenizer else None
+    # the tokenizer travels with the pruned model; only the calibration needs it
+    try:
+        tok = _load_tokenizer(a.model)
+    except UsageError:
+        if needs_calib:
+            raise
+        tok = None
+        print(f"note: no tokenizer in {a.model}; the output folder will have none")
     calib = None
     if needs_calib:
         text = load_text(a.calib, split=a.split, download=a.download)
@@ -206,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag)")
     s.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     s.add_argument("--no-update", action="store_true", help="SparseGPT without the weight update (mask only)")
-    s.add_argument("--save-tokenizer", action="store_true", help="copy the tokenizer even for magnitude")
     s.add_argument("--split", default=None, help="dataset split for a dataset --calib (default: train)")
     s.add_argument("--download", action="store_true", help="let a dataset --calib be downloaded (default: local cache only)")
     _add_device_dtype(s)
