@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train a small model on a synthetic language, prune it three ways, compress it")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=900, help="training steps")
+    s.add_argument("--steps", type=int, default=1200, help="training steps")
     s.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
     s.add_argument("--threads", type=int, default=None)
     _add_device_dtype(s)
