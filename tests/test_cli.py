@@ -52,6 +52,7 @@ def test_bench_model_speed_demo():
     [
         (["demo", "--steps", "0"], "--steps"),
         (["demo", "--device", "cuda:7"], "--device"),
+        (["bench", "--device", "cuda"], "--device"),
         (["prune", "--model", "x", "--method", "obs", "--out", "y"], "--method"),
         (["prune", "--model", "x", "--method", "magnitude", "--pattern", "2-4", "--out", "y"], "2-4"),
         (["prune", "--model", "x", "--method", "wanda", "--out", "y"], "--calib"),
