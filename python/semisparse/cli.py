@@ -99,7 +99,7 @@ def _load_tokenizer(path: str):
     except ImportError:
         raise UsageError("this command needs transformers (pip install transformers)") from None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise UsageError(f"cannot load a tokenizer from {path}: {e}".splitlines()[0]) from None
 
