@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from conftest import (
     DTYPES,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from conftest import DTYPES, KERNEL_DTYPES, assert_bit_equal, canon_zero, random_24, sparse24_dense
 from semisparse.ops import sparse24 as ops

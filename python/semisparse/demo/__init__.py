@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["DemoConfig", "run_demo", "train_demo_model"]
 
@@ -82,16 +80,6 @@ def train_demo_model(cfg: DemoConfig, train_ids: torch.Tensor, vocab: int, log=p
     return model
 
 
-def _median_ms(fn, reps: int = 5) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def _weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "layers." in n)
 
@@ -102,6 +90,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     from semisparse.eval import perplexity
 
     from .language import generate_corpus, word_tokenizer
+    from .speed import median_ms
 
     cfg = cfg or DemoConfig()
     t_start = time.perf_counter()
@@ -117,7 +106,6 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     calib = calibration_samples(train_text, tok, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
 
     rows = {}
-    t0 = time.perf_counter()
     rows["dense"] = perplexity(dense, test_ids, seqlen=cfg.eval_seqlen)
     log(f"dense perplexity {rows['dense']:.3f}")
     pruned = {}
@@ -148,7 +136,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     with torch.inference_mode():
         for t in cfg.time_tokens:
             x = test_ids[:, :t].to(cfg.device)
-            timing[t] = (_median_ms(lambda: dense(input_ids=x)), _median_ms(lambda: model(input_ids=x)))
+            timing[t] = (median_ms(lambda: dense(input_ids=x), 5), median_ms(lambda: model(input_ids=x), 5))
     log(f"{'tokens':>6} {'dense ms':>9} {'2:4 ms':>9} {'speedup':>8}")
     for t, (d, s) in timing.items():
         log(f"{t:>6} {d:9.2f} {s:9.2f} {d / s:7.2f}x")

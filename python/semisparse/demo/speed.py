@@ -56,7 +56,8 @@ class TinyDecoder(nn.Module):
         return self.norm(x)
 
 
-def _median_ms(fn, reps: int) -> float:
+def median_ms(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` calls after one warm-up call."""
     fn()
     ts = []
     for _ in range(reps):
@@ -78,7 +79,7 @@ def run_demo(d: int = 1024, f: int = 2816, layers: int = 4, heads: int = 16, tok
         f"(random weights, seed {seed}); threads={torch.get_num_threads()}")
     inputs = {t: torch.randint(0, 1000, (1, t)) for t in tokens}
     with torch.inference_mode():
-        dense_ms = {t: _median_ms(lambda: model(inputs[t]), reps) for t in tokens}
+        dense_ms = {t: median_ms(lambda: model(inputs[t]), reps) for t in tokens}
         ref = {t: model(inputs[t]).float() for t in tokens}
     dense_bytes = _weight_bytes(model)
 
@@ -89,7 +90,7 @@ def run_demo(d: int = 1024, f: int = 2816, layers: int = 4, heads: int = 16, tok
     out(f"sparsify took {t_sparsify:.2f} s")
     sparse_bytes = _weight_bytes(model)
     with torch.inference_mode():
-        sparse_ms = {t: _median_ms(lambda: model(inputs[t]), reps) for t in tokens}
+        sparse_ms = {t: median_ms(lambda: model(inputs[t]), reps) for t in tokens}
         cos = {t: F.cosine_similarity(model(inputs[t]).float().flatten(), ref[t].flatten(), dim=0).item() for t in tokens}
 
     out("")
