@@ -1,0 +1,386 @@
+"""``train_masks``: learn N:M masks end to end on the shared training loop (:mod:`semisparse.train`).
+
+The loss is the task loss (causal-LM cross-entropy, or distillation from the dense model:
+logit KL or last-hidden-state MSE) minus the sparse-weight regulariser
+``lambda * (1 - t/T) * sum ||W * soft_mask||^2`` (MaskLLM, Eq. 8), with ``tau``/``kappa``
+annealed by :class:`~semisparse.maskllm.schedule.Schedule`. AdamW on the logits (lr 5e-4,
+cosine to 5e-6, weight decay 0.1, betas (0.9, 0.95), clip 1.0). The noise of micro-batch
+``g = (step * grad_accum + micro) * world_size + rank`` uses ``offset = g``, so a resumed
+run draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import train as _train
+from ..pruning.patterns import parse_pattern
+from .model import add_masks, changed_fraction, learned_masks, mask_layers, masks_disabled, sampling_state
+from .schedule import SCHEDULES, Schedule
+
+__all__ = ["MaskLLMConfig", "MaskLLMResult", "train_masks", "PRIORS", "LOSSES", "memory_per_weight"]
+
+PRIORS = ("magnitude", "wanda", "sparsegpt")
+LOSSES = ("auto", "lm", "kl", "mse")
+_LOGIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MaskLLMConfig:
+    """Everything :func:`train_masks` does. Defaults follow the MaskLLM paper."""
+
+    pattern: str = "2:4"
+    steps: int = 200
+    batch_size: int = 8               # sequences per micro-batch (per rank)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr: float = 5e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    tau: tuple = (4.0, 0.05)           # start, end
+    kappa: tuple = (100.0, 500.0)      # start, end
+    schedule: str = "linear"           # tau/kappa schedule: linear | exp | cosine | constant
+    prior: object = "sparsegpt"        # None | "magnitude" | "wanda" | "sparsegpt" | {name: mask} | path to a masks file
+    prior_strength: float = 3.0        # alpha
+    prior_nsamples: int = 64           # calibration sequences for a wanda/sparsegpt prior (from the training data)
+    init_std: float = 0.01
+    reg_lambda: float = 1e-5           # sparse-weight regulariser, decays linearly to 0
+    loss: str = "auto"                 # auto | lm | kl | mse
+    train_weights: bool = False
+    logits_dtype: str = "float32"      # "bfloat16": half the logits' and Adam states' memory
+    targets: object = None             # layer name patterns (default: every Linear in the repeated blocks)
+    exclude: object = None
+    seed: int = 0
+    autocast: str = "auto"
+    eval_every: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    metrics_path: str | None = None
+    progress: bool = True
+    distributed: str = "auto"
+
+    def __post_init__(self):
+        p = parse_pattern(self.pattern)
+        if not p.structured or not 1 <= p.n < p.m <= 8:
+            raise ValueError(f"MaskLLMConfig: pattern must be N:M with 1 <= N < M <= 8, got {self.pattern!r}")
+        for name in ("steps", "batch_size", "grad_accum", "prior_nsamples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MaskLLMConfig: {name} must be an integer >= 1, got {v!r}")
+        for name in ("tau", "kappa"):
+            v = getattr(self, name)
+            if (
+                not isinstance(v, (tuple, list)) or len(v) != 2
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+            ):
+                raise ValueError(f"MaskLLMConfig: {name} must be (start, end) numbers, got {v!r}")
+            setattr(self, name, (float(v[0]), float(v[1])))
+        if min(self.tau) <= 0:
+            raise ValueError(f"MaskLLMConfig: tau must stay > 0, got {self.tau}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"MaskLLMConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"MaskLLMConfig: loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.logits_dtype not in _LOGIT_DTYPES:
+            raise ValueError(f"MaskLLMConfig: logits_dtype must be one of {tuple(_LOGIT_DTYPES)}, got {self.logits_dtype!r}")
+        if isinstance(self.prior, str) and self.prior not in PRIORS and not os.path.exists(self.prior):
+            raise ValueError(
+                f"MaskLLMConfig: prior must be None, one of {PRIORS}, a {{layer: mask}} dict or an existing masks file, "
+                f"got {self.prior!r}"
+            )
+        for name in ("prior_strength", "init_std", "reg_lambda"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"MaskLLMConfig: {name} must be a finite number >= 0, got {v!r}")
+        if self.init_std <= 0:
+            raise ValueError(f"MaskLLMConfig: init_std must be > 0, got {self.init_std}")
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        p = parse_pattern(self.pattern)
+        return p.n, p.m
+
+    def train_config(self) -> "_train.TrainConfig":
+        return _train.TrainConfig(
+            steps=self.steps, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, schedule="cosine",
+            weight_decay=self.weight_decay, betas=tuple(self.betas), grad_clip=self.grad_clip,
+            grad_accum=self.grad_accum, autocast=self.autocast, seed=self.seed, eval_every=self.eval_every,
+            checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
+            metrics_path=self.metrics_path, progress=self.progress, desc="maskllm", distributed=self.distributed,
+        )
+
+
+def memory_per_weight(pattern: str = "2:4", logits_dtype: str = "float32", optimizer_states: int = 2) -> dict[str, float]:
+    """Training bytes per sparsified weight: logits, their gradient and the optimizer states
+    (AdamW keeps two, in the logits' dtype). 2:4 fp32: 6 + 6 + 12 = 24 bytes per weight."""
+    p = parse_pattern(pattern)
+    per = math.comb(p.m, p.n) / p.m  # logits per weight
+    b = torch.finfo(_LOGIT_DTYPES[logits_dtype]).bits // 8
+    out = {"logits": per * b, "grad": per * b, "optimizer": optimizer_states * per * b}
+    out["total"] = sum(out.values())
+    return out
+
+
+@dataclass
+class MaskLLMResult:
+    masks: dict                 # {layer: bool mask}, the final (argmax) masks
+    prior: dict | None          # the prior masks used (None without a prior)
+    changed: dict               # {layer: fraction of groups whose pattern differs from the prior}
+    history: list = field(default_factory=list)
+    last_eval: dict | None = None
+    steps: int = 0
+    resumed_from: int | None = None
+
+
+# --------------------------------------------------------------------- data
+def _batches(data, batch_size: int):
+    """Token ids ``[n, seqlen]`` -> a list of ``{"input_ids": [batch_size, seqlen]}`` batches;
+    a sequence of batches or a callable passes through."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"train_masks: data must be token ids [n, seqlen] (int64), got {data.dtype} {tuple(data.shape)}")
+        if data.shape[0] < batch_size:
+            raise ValueError(f"train_masks: data has {data.shape[0]} sequences, fewer than batch_size={batch_size}")
+        nb = data.shape[0] // batch_size
+        return [{"input_ids": data[i * batch_size : (i + 1) * batch_size].long()} for i in range(nb)]
+    if callable(data) or hasattr(data, "__getitem__"):
+        return data
+    raise ValueError(f"train_masks: data must be token ids [n, seqlen], a sequence of batches or a callable, got {type(data).__name__}")
+
+
+def _calib_from(data, nsamples: int):
+    if isinstance(data, torch.Tensor):
+        return data[:nsamples].long()
+    rows = []
+    for i in range(min(len(data), nsamples)):
+        b = data[i]
+        ids = b["input_ids"] if isinstance(b, Mapping) else b
+        rows.extend(ids.reshape(-1, ids.shape[-1]))
+        if len(rows) >= nsamples:
+            break
+    return torch.stack(rows[:nsamples])
+
+
+def _inputs(batch):
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    return {"input_ids": batch}
+
+
+# --------------------------------------------------------------------- losses
+def _resolve_loss(model: nn.Module, loss: str) -> str:
+    if loss != "auto":
+        return loss
+    name = type(model).__name__
+    if "CausalLM" in name or "LMHead" in name:
+        return "lm"
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get) and get() is not None:
+        return "kl"
+    return "mse"
+
+
+def _logits_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    lg = getattr(out, "logits", None)
+    if lg is None and isinstance(out, (tuple, list)):
+        lg = out[0]
+    if lg is None:
+        raise ValueError("train_masks: the model returned no logits; use loss='mse' (hidden-state distillation)")
+    return lg
+
+
+def _hidden_of(model, inputs):
+    out = model(**inputs, output_hidden_states=True)
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        hs = getattr(out, "hidden_states", None)
+        if hs is None:
+            if isinstance(out, torch.Tensor):
+                return out
+            raise ValueError("train_masks: loss='mse' needs the model to return last_hidden_state or hidden_states")
+        h = hs[-1]
+    return h
+
+
+def _task_loss(kind: str, model, inputs) -> torch.Tensor:
+    if kind == "lm":
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs["input_ids"]
+        out = model(**inputs, labels=labels)
+        loss = getattr(out, "loss", None)
+        if loss is None:  # compute it ourselves: next-token cross-entropy
+            lg = _logits_of(out)
+            loss = F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return loss
+    if kind == "kl":
+        with torch.no_grad(), masks_disabled(_unwrap(model)):
+            t = _logits_of(model(**inputs)).float()
+        s = _logits_of(model(**inputs)).float()
+        return F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2),
+                        log_target=True, reduction="batchmean")
+    # mse on the last hidden state
+    with torch.no_grad(), masks_disabled(_unwrap(model)):
+        t = _hidden_of(model, inputs).float()
+    s = _hidden_of(model, inputs).float()
+    return F.mse_loss(s, t)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------- prior
+def _compute_prior(model, cfg: MaskLLMConfig, data, calib, log) -> dict | None:
+    prior = cfg.prior
+    if prior is None:
+        return None
+    if isinstance(prior, Mapping):
+        return {k: torch.as_tensor(v).bool() for k, v in prior.items()}
+    if isinstance(prior, (str, os.PathLike)) and os.path.exists(prior):
+        return _load_any_masks(prior)
+    from ..pruning import prune
+
+    # one-shot masks with the weights left as they are (SparseGPT without its update)
+    if calib is None and prior != "magnitude":
+        calib = _calib_from(data, cfg.prior_nsamples)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts = {"update": False} if prior == "sparsegpt" else {}
+    try:
+        masks = prune(model, prior, pattern=cfg.pattern, calib=calib, targets=cfg.targets, exclude=cfg.exclude, **opts)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+    log(f"maskllm: prior from {prior} ({len(masks)} layers)")
+    return masks
+
+
+def _load_any_masks(path) -> dict:
+    from ..io import load_tensors
+    from ..masks import load_masks
+    from .model import TASK_MASKS_FORMAT, unpack_masks
+
+    tensors, header = load_tensors(path)
+    if header.get("format") == TASK_MASKS_FORMAT:
+        return unpack_masks(tensors, header)
+    return load_masks(path)[0]
+
+
+# --------------------------------------------------------------------- train
+def train_masks(
+    model: nn.Module,
+    data,
+    config: MaskLLMConfig | None = None,
+    *,
+    calib=None,
+    eval_fn: Callable | None = None,
+    eval_data: torch.Tensor | None = None,
+    eval_seqlen: int | None = None,
+    callbacks=(),
+    log=print,
+) -> MaskLLMResult:
+    """Learn ``config.pattern`` masks for ``model``'s Linear layers (in place: the layers
+    become :class:`~semisparse.maskllm.MaskLLMLinear`; call :func:`~semisparse.maskllm.export`
+    to compress them afterwards).
+
+    ``data``: token ids ``[n, seqlen]`` (cut into micro-batches of ``batch_size``), a
+    sequence of batches (dicts of model inputs, or id tensors) or a callable
+    ``index -> batch``. ``calib``: calibration ids for a Wanda/SparseGPT prior (default: the
+    first ``prior_nsamples`` sequences of ``data``). ``eval_data``: held-out token ids;
+    perplexity with the argmax masks is logged at ``eval_every`` and at the end
+    (``eval_fn(model, step) -> dict`` adds your own metrics).
+    """
+    cfg = config or MaskLLMConfig()
+    n, m = cfg.nm
+    batches = _batches(data, cfg.batch_size)
+    layers = mask_layers(model)
+    prior = None
+    if not layers:
+        # (recomputed on resume too: the prior is deterministic and the report compares with it)
+        prior = _compute_prior(model, cfg, batches if calib is None else None, calib, log)
+        skipped = add_masks(
+            model, cfg.pattern, prior=prior, alpha=cfg.prior_strength, init_std=cfg.init_std, targets=cfg.targets,
+            exclude=cfg.exclude, train_weights=cfg.train_weights, logits_dtype=_LOGIT_DTYPES[cfg.logits_dtype],
+            seed=cfg.seed, strict_prior=prior is not None,
+        )
+        for k, why in skipped.items():
+            log(f"maskllm: left dense {k}: {why}")
+        layers = mask_layers(model)
+    state = sampling_state(model)
+    kind = _resolve_loss(model, cfg.loss)
+    tau = Schedule(cfg.tau[0], cfg.tau[1], cfg.steps, cfg.schedule)
+    kappa = Schedule(cfg.kappa[0], cfg.kappa[1], cfg.steps, cfg.schedule)
+    reg_on = cfg.reg_lambda > 0
+
+    def loss_fn(mdl, batch, info):
+        state.tau, state.kappa = tau(info.step), kappa(info.step)
+        state.offset = (info.step * info.grad_accum + info.micro) * info.world_size + info.rank
+        state.collect_reg = reg_on
+        state.reg_terms.clear()
+        try:
+            task = _task_loss(kind, mdl, _inputs(batch))
+            metrics = {"task_loss": float(task.detach()), "tau": state.tau, "kappa": state.kappa}
+            loss = task
+            if reg_on and state.reg_terms:
+                reg = torch.stack(state.reg_terms).sum()
+                lam = cfg.reg_lambda * (1.0 - info.step / info.steps)
+                loss = task - lam * reg
+                metrics["reg"] = float(reg.detach())
+            return loss, metrics
+        finally:
+            state.collect_reg = False
+            state.reg_terms.clear()
+
+    evals = []
+    if eval_data is not None:
+        from ..eval import perplexity
+
+        seqlen = eval_seqlen or (int(batches[0]["input_ids"].shape[-1]) if isinstance(batches, list) else 128)
+
+        def ppl_eval(mdl, step):
+            return {"ppl": perplexity(mdl, eval_data, seqlen=seqlen, progress=False)}
+
+        evals.append(ppl_eval)
+    if eval_fn is not None:
+        evals.append(eval_fn)
+
+    def all_evals(mdl, step):
+        out = {}
+        for f in evals:
+            out.update(f(mdl, step))
+        return out
+
+    params = [mod.logits for mod in layers.values()]
+    if cfg.train_weights:
+        params += [p for mod in layers.values() for p in (mod.weight, mod.bias) if p is not None]
+    result = _train.train(
+        model, batches, loss_fn, cfg.train_config(), params=params, eval_fn=all_evals if evals else None,
+        callbacks=callbacks,
+    )
+    model = result.model
+    model.eval()
+    masks = learned_masks(model)
+    changed = changed_fraction(masks, prior, m) if prior is not None else {}
+    return MaskLLMResult(
+        masks=masks, prior=prior, changed=changed, history=result.history, last_eval=result.last_eval,
+        steps=result.step, resumed_from=result.resumed_from,
+    )
+
+
+def config_dict(cfg: MaskLLMConfig) -> dict:
+    d = asdict(cfg)
+    if not isinstance(d["prior"], (str, type(None))):
+        d["prior"] = "<masks>"
+    return d
