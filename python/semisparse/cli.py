@@ -111,9 +111,12 @@ def _cmd_prune(a) -> int:
     from .masks import save_masks
 
     device, dtype = _device(a.device), _DTYPES[a.dtype]
-    if a.method not in semisparse.pruning.METHODS:
-        raise UsageError(f"--method must be one of {', '.join(semisparse.pruning.METHODS)}, got {a.method!r}")
+    methods = (*semisparse.pruning.METHODS, "maskllm")
+    if a.method not in methods:
+        raise UsageError(f"--method must be one of {', '.join(methods)}, got {a.method!r}")
     semisparse.parse_pattern(a.pattern)  # raises ValueError listing the valid forms
+    if a.method == "maskllm":
+        return _prune_maskllm(a, device, dtype)
     needs_calib = a.method != "magnitude"
     if needs_calib and not a.calib:
         raise UsageError(f"--method {a.method} needs --calib (a text file, a folder of text files or a dataset)")
@@ -146,6 +149,86 @@ def _cmd_prune(a) -> int:
     if a.masks_out:
         save_masks(masks, a.masks_out, metadata=meta)
         print(f"wrote masks to {a.masks_out}")
+    return 0
+
+
+def _pair(text: str, flag: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} must be START,END (two numbers), got {text!r}") from None
+    return a, b
+
+
+def _prune_maskllm(a, device, dtype) -> int:
+    """``semisparse prune --method maskllm``: learn the masks (frozen weights) on --calib text."""
+    from . import maskllm
+    from .data import calibration_samples, eval_tokens, load_text
+    from .hf import save_pretrained
+    from .masks import save_masks
+
+    if not a.calib:
+        raise UsageError("--method maskllm needs --calib (the training text: a file, a folder or a dataset)")
+    prior = None if a.prior == "none" else a.prior
+    if prior is not None and prior not in maskllm.PRIORS and not os.path.isfile(prior):
+        raise UsageError(f"--prior must be none, {', '.join(maskllm.PRIORS)} or a masks file, got {a.prior!r}")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    cfg = maskllm.MaskLLMConfig(
+        pattern=a.pattern, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        tau=_pair(a.tau, "--tau"), kappa=_pair(a.kappa, "--kappa"), schedule=a.schedule, prior=prior,
+        prior_strength=a.prior_strength, prior_nsamples=min(a.nsamples, 128), reg_lambda=a.reg_lambda, loss=a.loss,
+        logits_dtype=a.logits_dtype, train_weights=a.train_weights, targets=a.targets, exclude=a.exclude,
+        seed=a.seed, eval_every=a.eval_every, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+        metrics_path=a.metrics, autocast=a.autocast,
+    )
+    if os.path.exists(a.out) and not a.overwrite:
+        raise UsageError(f"--out {a.out} exists (pass --overwrite to replace it)")
+    model = _load_model(a.model, device, dtype)
+    tok = _load_tokenizer(a.model)
+    text = load_text(a.calib, split=a.split, download=a.download)
+    data = calibration_samples(text, tok, a.nsamples, a.seqlen, seed=a.seed)
+    print(f"training data: {a.nsamples} x {a.seqlen} tokens from {a.calib}; {a.steps} steps x "
+          f"{a.batch_size * a.grad_accum} sequences; prior {a.prior}")
+    eval_ids = None
+    if a.eval_data:
+        eval_ids = eval_tokens(load_text(a.eval_data, split=a.split, download=a.download), tok)
+        if a.eval_tokens:
+            eval_ids = eval_ids[:, : a.eval_tokens]
+    t0 = time.perf_counter()
+    res = maskllm.train_masks(model, data, cfg, eval_data=eval_ids, eval_seqlen=a.seqlen)
+    print(f"learned {len(res.masks)} masks in {time.perf_counter() - t0:.1f} s ({res.steps} steps"
+          + (f", resumed from step {res.resumed_from}" if res.resumed_from else "") + ")")
+    if res.last_eval:
+        print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in res.last_eval.items()))
+    if res.changed:
+        mean = sum(res.changed.values()) / len(res.changed)
+        print(f"groups whose pattern differs from the prior: {100 * mean:.2f}% (mean over layers)")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    masks = maskllm.remove_masks(model, apply=True)
+    meta = {"method": "maskllm", "pattern": a.pattern, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen,
+            "seed": a.seed, "options": {"steps": a.steps, "prior": a.prior, "lr": a.lr, "batch_size": a.batch_size,
+                                        "grad_accum": a.grad_accum, "tau": a.tau, "kappa": a.kappa, "loss": a.loss,
+                                        "logits_dtype": a.logits_dtype}}
+    save_pretrained(model, a.out, tokenizer=tok, compress=a.compress, masks=masks, metadata=meta, overwrite=a.overwrite)
+    print(f"wrote {a.out} ({'compressed 2:4 weights' if a.compress else 'masked dense weights'})")
+    if a.masks_out:
+        save_masks(masks, a.masks_out, metadata=meta)
+        print(f"wrote masks to {a.masks_out}")
+    if a.task_masks_out:
+        maskllm.save_task_masks(masks, a.task_masks_out, pattern=a.pattern, metadata=meta)
+        print(f"wrote compact task masks to {a.task_masks_out}")
+    if a.plot:
+        from .maskllm.plots import plot_run
+
+        for p in plot_run(res.history, res.changed, a.plot):
+            print(f"wrote {p}")
     return 0
 
 
@@ -201,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="prune a Hugging Face model and save it")
     s.add_argument("--model", required=True, help="a local Hugging Face model folder")
-    s.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt")
+    s.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | maskllm (learned masks)")
     s.add_argument("--pattern", default="2:4", help="N:M (2:4, 1:4, 4:8) or unstructured:<ratio>")
     s.add_argument("--calib", default=None, help="text file, folder of text files, or dataset (wikitext2, c4, hf:NAME...)")
     s.add_argument("--nsamples", type=int, default=128)
@@ -219,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-update", action="store_true", help="SparseGPT without the weight update (mask only)")
     s.add_argument("--split", default=None, help="dataset split for a dataset --calib (default: train)")
     s.add_argument("--download", action="store_true", help="let a dataset --calib be downloaded (default: local cache only)")
+    g = s.add_argument_group("maskllm (learned masks; --calib is the training text, --nsamples its sequences)")
+    g.add_argument("--prior", default="sparsegpt", help="none | magnitude | wanda | sparsegpt | a masks file (transfer)")
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate on the logits (cosine to 1%%)")
+    g.add_argument("--tau", default="4,0.05", help="Gumbel temperature START,END")
+    g.add_argument("--kappa", default="100,500", help="logit scale START,END")
+    g.add_argument("--schedule", default="linear", help="tau/kappa schedule: linear | exp | cosine | constant")
+    g.add_argument("--prior-strength", type=float, default=3.0, help="alpha")
+    g.add_argument("--reg-lambda", type=float, default=1e-5, help="sparse weight regulariser (decays to 0)")
+    g.add_argument("--loss", default="auto", help="auto | lm | kl | mse (distillation from the dense model)")
+    g.add_argument("--logits-dtype", default="float32", help="float32 | bfloat16 (half the training memory)")
+    g.add_argument("--train-weights", action="store_true", help="also train the kept weights")
+    g.add_argument("--autocast", default="auto", help="auto (bf16 on CUDA) | bf16 | off")
+    g.add_argument("--eval-data", default=None, help="held-out text: perplexity with the argmax masks")
+    g.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N held-out tokens")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (and at the end)")
+    g.add_argument("--checkpoint-dir", default=None, help="checkpoints (resumed from when present)")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--metrics", default=None, help="metrics JSONL (default: <checkpoint-dir>/metrics.jsonl)")
+    g.add_argument("--task-masks-out", default=None, help="also write the masks compactly (0.67 bits per weight)")
+    g.add_argument("--plot", default=None, help="write PNGs of loss, eval perplexity and changes vs the prior here")
     _add_device_dtype(s)
     s.set_defaults(fn=_cmd_prune)
 

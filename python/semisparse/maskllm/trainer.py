@@ -365,18 +365,51 @@ def train_masks(
     params = [mod.logits for mod in layers.values()]
     if cfg.train_weights:
         params += [p for mod in layers.values() for p in (mod.weight, mod.bias) if p is not None]
-    result = _train.train(
-        model, batches, loss_fn, cfg.train_config(), params=params, eval_fn=all_evals if evals else None,
-        callbacks=callbacks,
-    )
-    model = result.model
-    model.eval()
-    masks = learned_masks(model)
+    # the masks are read after training: under FSDP2 that needs the process group alive
+    # (train() destroys a group it created), so own it here when nobody else does
+    own_group = False
+    if _wants_distributed(cfg.distributed) and not torch.distributed.is_initialized():
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+        torch.distributed.init_process_group(backend)
+        own_group = True
+    try:
+        result = _train.train(
+            model, batches, loss_fn, cfg.train_config(), params=params, eval_fn=all_evals if evals else None,
+            callbacks=callbacks,
+        )
+        model = result.model
+        model.eval()
+        masks = _final_masks(model)
+    finally:
+        if own_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     changed = changed_fraction(masks, prior, m) if prior is not None else {}
     return MaskLLMResult(
         masks=masks, prior=prior, changed=changed, history=result.history, last_eval=result.last_eval,
         steps=result.step, resumed_from=result.resumed_from,
     )
+
+
+def _wants_distributed(mode: str) -> bool:
+    if mode in ("ddp", "fsdp2"):
+        return True
+    return mode == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _final_masks(model) -> dict:
+    """The argmax masks as plain tensors (FSDP2: from the all-gathered logits)."""
+    from torch.distributed.tensor import DTensor
+
+    from .layer import mask_from_logits
+
+    out = {}
+    for name, mod in mask_layers(model).items():
+        logits = mod.logits.detach()
+        if isinstance(logits, DTensor):
+            logits = logits.full_tensor()
+        shape = (mod.out_features, mod.in_features)
+        out[name] = mask_from_logits(logits, mod.n, mod.m, shape)
+    return out
 
 
 def config_dict(cfg: MaskLLMConfig) -> dict:
