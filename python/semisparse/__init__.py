@@ -11,6 +11,7 @@ from .data import calibration_samples, eval_tokens, load_text
 from .eval import fidelity, perplexity
 from .hf import load_pretrained, save_pretrained
 from .masks import apply_masks, load_masks, save_masks
+from . import maskllm, train  # noqa: E402  (learned masks; the shared training loop)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "fidelity",
     "load_masks",
     "load_pretrained",
+    "maskllm",
     "load_text",
     "perplexity",
     "save_masks",
@@ -36,5 +38,6 @@ __all__ = [
     "prune",
     "set_cpu_isa",
     "sparsify",
+    "train",
     "__version__",
 ]

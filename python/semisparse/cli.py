@@ -207,9 +207,7 @@ def _prune_maskllm(a, device, dtype) -> int:
     if res.changed:
         mean = sum(res.changed.values()) / len(res.changed)
         print(f"groups whose pattern differs from the prior: {100 * mean:.2f}% (mean over layers)")
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
         return 0
     masks = maskllm.remove_masks(model, apply=True)
     meta = {"method": "maskllm", "pattern": a.pattern, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen,
