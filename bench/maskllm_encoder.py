@@ -38,7 +38,7 @@ def mlm_batch(ids: torch.Tensor, mask_id: int, vocab: int, g: torch.Generator, p
     return {"input_ids": x, "labels": labels}
 
 
-def train_encoder(seed: int, train_ids: torch.Tensor, vocab: int, steps: int = 800, batch: int = 32, seqlen: int = 64):
+def train_encoder(seed: int, train_ids: torch.Tensor, vocab: int, steps: int = 1500, batch: int = 32, seqlen: int = 64):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
@@ -46,9 +46,9 @@ def train_encoder(seed: int, train_ids: torch.Tensor, vocab: int, steps: int = 8
                      intermediate_size=256, max_position_embeddings=seqlen, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, tie_word_embeddings=False)
     model = BertForMaskedLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--train-steps", type=int, default=800, help="MLM pre-training steps of the encoder")
+    p.add_argument("--train-steps", type=int, default=1500, help="MLM pre-training steps of the encoder")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     tok = word_tokenizer()
@@ -102,7 +102,13 @@ def main(argv=None):
         semisparse.prune(m, method, pattern="2:4", calib=calib)
         rows[method] = mlm_perplexity(m, test)
         print(f"{method:>10}: {rows[method]:.4f}", flush=True)
-    data = calibration_samples(train_text, tok, 2048, 64, seed=a.seed + 17)
+    # distillation inputs: training windows corrupted as in MLM (the teacher's outputs are the targets)
+    windows = calibration_samples(train_text, tok, 2048, 64, seed=a.seed + 17)
+    gd = torch.Generator().manual_seed(a.seed + 29)
+    data = []
+    for i in range(0, windows.shape[0], a.batch_size):
+        b = mlm_batch(windows[i:i + a.batch_size], vocab, vocab, gd)
+        data.append({"input_ids": b["input_ids"]})
     m = copy.deepcopy(dense)
     cfg = maskllm.MaskLLMConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 100, loss="kl",
                                 prior="sparsegpt", prior_nsamples=64, seed=a.seed, progress=False)

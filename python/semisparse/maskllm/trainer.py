@@ -224,6 +224,7 @@ def _task_loss(kind: str, model, inputs) -> torch.Tensor:
             lg = _logits_of(out)
             loss = F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         return loss
+    inputs.pop("labels", None)  # distillation: the dense model's outputs are the targets
     if kind == "kl":
         with torch.no_grad(), masks_disabled(_unwrap(model)):
             t = _logits_of(model(**inputs)).float()

@@ -1,0 +1,199 @@
+// CPU implementations of the semisparse::gumbel_nm_* ops (schemas, fakes, autograd and the
+// pure-torch references live in python/semisparse/ops/gumbel.py). LibTorch stable ABI only.
+// Every argument is validated here too, so a direct call into the kernel cannot crash.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include "gumbel/gumbel_cpu.h"
+
+namespace semisparse::gumbel {
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// A fresh output of tens of MiB costs one page fault per 4 KiB when the kernel first writes
+// it (~45 ms per 64 MiB measured on the benchmark VM: as long as the kernel itself). Ask for
+// transparent huge pages on its 2 MiB-aligned interior (Linux, THP "madvise" mode; a no-op
+// where THP is off or the range is too small). Only untouched memory we just allocated.
+void advise_huge(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = size_t(t.numel()) * size_t(t.element_size());
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory: ignore errors
+#else
+  (void)t;
+#endif
+}
+
+DType to_dtype(const Tensor& t, const char* op, const char* what) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float: return DType::F32;
+    case ScalarType::BFloat16: return DType::BF16;
+    case ScalarType::Half: return DType::F16;
+    case ScalarType::Double: return DType::F64;
+    default:
+      STD_TORCH_CHECK(false, op, ": ", what, " must be float32/bfloat16/float16/float64, got ",
+                      torch::headeronly::toString(t.scalar_type()));
+  }
+  return DType::F32;
+}
+
+std::vector<int64_t> sizes_of(const Tensor& t) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
+  return s;
+}
+
+std::string shape_str(const Tensor& t) {
+  std::string s = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  if (t.dim() == 1) s += ",";
+  return s + ")";
+}
+
+// Checks the scalar arguments and logits; returns a Problem with patterns filled.
+Problem common(const char* op, const Tensor& logits, int64_t seed, int64_t offset, double tau,
+               double kappa, int64_t n, int64_t m) {
+  STD_TORCH_CHECK(1 <= n && n < m && m <= 8, op, ": n:m = ", n, ":", m,
+                  " is not supported; expected 1 <= n < m <= 8 (e.g. 2:4, 1:4, 4:8)");
+  STD_TORCH_CHECK(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
+  STD_TORCH_CHECK(std::isfinite(kappa), op, ": kappa must be finite, got ", kappa);
+  STD_TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU tensor for this kernel");
+  Problem p{};
+  p.n = int(n);
+  p.m = int(m);
+  fill_patterns(p);
+  p.lt = to_dtype(logits, op, "logits");
+  STD_TORCH_CHECK(logits.dim() == 2 && logits.size(1) == p.C, op, ": logits must have shape [groups, C(", m,
+                  ",", n, ") = ", p.C, "], got ", shape_str(logits));
+  p.G = logits.size(0);
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  p.tau = tau;
+  p.kappa = kappa;
+  return p;
+}
+
+void check_weight(const char* op, const Tensor& weight, const Tensor& logits, Problem& p) {
+  STD_TORCH_CHECK(weight.is_cpu(), op, ": weight must be a CPU tensor for this kernel");
+  p.wt = to_dtype(weight, op, "weight");
+  STD_TORCH_CHECK(weight.dim() >= 1 && weight.size(weight.dim() - 1) % p.m == 0, op,
+                  ": the weight's last dim must be a multiple of m=", p.m, ", got shape ", shape_str(weight));
+  STD_TORCH_CHECK(p.G * p.m == weight.numel(), op, ": logits shape ", shape_str(logits),
+                  " does not match the weight ", shape_str(weight), ": expected [", weight.numel() / p.m, ", ",
+                  p.C, "] (weight.numel() / m groups)");
+}
+
+void check_grad(const char* op, const Tensor& g, const std::vector<int64_t>& shape, Problem& p) {
+  STD_TORCH_CHECK(g.is_cpu(), op, ": the gradient must be a CPU tensor for this kernel");
+  bool ok = g.dim() == int64_t(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d) ok = g.size(int64_t(d)) == shape[d];
+  std::string want = "(";
+  for (size_t d = 0; d < shape.size(); ++d) want += (d ? ", " : "") + std::to_string(shape[d]);
+  want += shape.size() == 1 ? ",)" : ")";
+  STD_TORCH_CHECK(ok, op, ": the gradient must have shape ", want, ", got ", shape_str(g));
+  p.gt = to_dtype(g, op, "the gradient");
+}
+
+Tensor mask_cpu(Tensor logits, int64_t seed, int64_t offset, double tau, double kappa, int64_t n, int64_t m,
+                bool hard) {
+  Problem p = common("gumbel_nm_mask", logits, seed, offset, tau, kappa, n, m);
+  Tensor lc = contig(logits);
+  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.m)});
+  advise_huge(out);
+  p.op = Op::Mask;
+  p.hard = hard;
+  p.logits = lc.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.ot = p.lt;
+  run(p);
+  return out;
+}
+
+Tensor masked_weight_cpu(Tensor weight, Tensor logits, int64_t seed, int64_t offset, double tau, double kappa,
+                         int64_t n, int64_t m, bool hard) {
+  const char* op = "gumbel_nm_masked_weight";
+  Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
+  check_weight(op, weight, logits, p);
+  Tensor lc = contig(logits);
+  Tensor wc = contig(weight);
+  Tensor out = torch::stable::new_empty(wc, sizes_of(weight));
+  advise_huge(out);
+  p.op = Op::MaskedWeight;
+  p.hard = hard;
+  p.logits = lc.const_data_ptr();
+  p.weight = wc.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.ot = p.wt;
+  run(p);
+  return out;
+}
+
+Tensor mask_backward_cpu(Tensor grad_mask, Tensor logits, int64_t seed, int64_t offset, double tau, double kappa,
+                         int64_t n, int64_t m) {
+  const char* op = "gumbel_nm_mask_backward";
+  Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
+  check_grad(op, grad_mask, {p.G, int64_t(p.m)}, p);
+  Tensor lc = contig(logits);
+  Tensor gc = contig(grad_mask);
+  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.C)});
+  advise_huge(out);
+  p.op = Op::MaskBackward;
+  p.logits = lc.const_data_ptr();
+  p.grad = gc.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.ot = p.lt;
+  run(p);
+  return out;
+}
+
+Tensor masked_weight_backward_cpu(Tensor grad_out, Tensor weight, Tensor logits, int64_t seed, int64_t offset,
+                                  double tau, double kappa, int64_t n, int64_t m) {
+  const char* op = "gumbel_nm_masked_weight_backward";
+  Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
+  check_weight(op, weight, logits, p);
+  check_grad(op, grad_out, sizes_of(weight), p);
+  Tensor lc = contig(logits);
+  Tensor wc = contig(weight);
+  Tensor gc = contig(grad_out);
+  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.C)});
+  advise_huge(out);
+  p.op = Op::MaskedWeightBackward;
+  p.logits = lc.const_data_ptr();
+  p.weight = wc.const_data_ptr();
+  p.grad = gc.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.ot = p.lt;
+  run(p);
+  return out;
+}
+
+}  // namespace
+}  // namespace semisparse::gumbel
+
+STABLE_TORCH_LIBRARY_IMPL(semisparse, CPU, m) {
+  m.impl("gumbel_nm_mask", TORCH_BOX(&semisparse::gumbel::mask_cpu));
+  m.impl("gumbel_nm_masked_weight", TORCH_BOX(&semisparse::gumbel::masked_weight_cpu));
+  m.impl("gumbel_nm_mask_backward", TORCH_BOX(&semisparse::gumbel::mask_backward_cpu));
+  m.impl("gumbel_nm_masked_weight_backward", TORCH_BOX(&semisparse::gumbel::masked_weight_backward_cpu));
+}
