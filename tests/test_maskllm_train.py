@@ -244,3 +244,17 @@ def test_cli_maskllm(tmp_path):
     assert main(["prune", "--model", str(tmp_path / "dense"), "--method", "maskllm", "--out", str(tmp_path / "x")]) == 2
     assert main(["prune", "--model", str(tmp_path / "dense"), "--method", "maskllm", "--calib",
                  str(tmp_path / "train.txt"), "--tau", "4", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_train_weights_option_updates_the_kept_weights():
+    model = tiny_llama()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    res = maskllm.train_masks(model, token_data(), _cfg(steps=3, train_weights=True), log=lambda *a: None)
+    layers = maskllm.mask_layers(model)
+    assert all(mod.weight.requires_grad for mod in layers.values())
+    changed = [not torch.equal(mod.weight, dense[f"{name}.weight"]) for name, mod in layers.items()]
+    assert all(changed)
+    assert all("reg" in h for h in res.history if "loss" in h)
+    others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("logits", "weight", "bias"))]
+    assert others == []
+    assert not model.model.embed_tokens.weight.requires_grad

@@ -114,6 +114,8 @@ def add_masks(
     ``prior``: ``{layer name: bool n:m mask}`` (a one-shot method's masks from
     :func:`semisparse.prune`, or learned masks for transfer); with ``strict_prior`` every
     masked layer must have one. ``seed`` fixes the logits' initialisation and the noise.
+    Every other parameter of the model is frozen (``requires_grad=False``); with
+    ``train_weights`` the masked layers' weights and biases train with the logits.
     """
     n, m = _nm(pattern)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -134,9 +136,10 @@ def add_masks(
         missing = [name for name, _ in layers if name not in prior]
         if missing and strict_prior:
             raise ValueError(f"maskllm: the prior has no mask for {len(missing)} layer(s), e.g. {missing[:3]}")
-    if not train_weights:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    # everything but the logits is frozen; with train_weights the masked layers' own
+    # weights and biases train too
+    for p in model.parameters():
+        p.requires_grad_(False)
     gen = torch.Generator().manual_seed(int(seed))
     start = len(existing)
     for i, (name, lin) in enumerate(layers):
