@@ -206,8 +206,12 @@ def test_two_gloo_ranks_learn_identical_masks(tmp_path, strategy):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     meta = json.loads((out / "ckpt" / "step-00000006" / "trainer.json").read_text())
     assert meta["world_size"] == 2
-    hist = json.loads((out / "rank0.json").read_text())["history"]
+    rec = json.loads((out / "rank0.json").read_text())
+    hist = rec["history"]
     assert hist and all("loss" in h for h in hist if "eval" not in h)
+    # the last evaluation used the final masks (not a stale copy of earlier logits)
+    assert [h["step"] for h in hist if "eval" in h] == [2, 4, 6]
+    assert rec["last_eval"]["loss"] == pytest.approx(rec["final_loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ CLI + plots
@@ -258,3 +262,64 @@ def test_train_weights_option_updates_the_kept_weights():
     others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("logits", "weight", "bias"))]
     assert others == []
     assert not model.model.embed_tokens.weight.requires_grad
+
+
+def test_regulariser_sign_and_decay_in_the_logged_loss():
+    model = tiny_llama()
+    cfg = _cfg(steps=5, reg_lambda=1e-2)
+    res = maskllm.train_masks(model, token_data(), cfg, log=lambda *a: None)
+    rows = [h for h in res.history if "loss" in h]
+    assert len(rows) == 5
+    for h in rows:
+        t = h["step"] - 1  # the 0-based step that produced the line
+        expected = h["task_loss"] - 1e-2 * (1 - t / 5) * h["reg"]
+        assert h["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert h["reg"] > 0
+
+
+def test_resume_refuses_other_maskllm_settings_or_data(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    maskllm.train_masks(tiny_llama(), token_data(), _cfg(steps=2, checkpoint_dir=ckpt), log=lambda *a: None)
+    with pytest.raises(ValueError, match="kappa"):
+        maskllm.train_masks(tiny_llama(), token_data(), _cfg(steps=2, checkpoint_dir=ckpt, kappa=(10.0, 50.0)),
+                            log=lambda *a: None)
+    with pytest.raises(ValueError, match="data differ"):
+        maskllm.train_masks(tiny_llama(), token_data(seed=6), _cfg(steps=2, checkpoint_dir=ckpt), log=lambda *a: None)
+    # the same settings resume (here: nothing left to do)
+    res = maskllm.train_masks(tiny_llama(), token_data(), _cfg(steps=2, checkpoint_dir=ckpt), log=lambda *a: None)
+    assert res.resumed_from == 2
+
+
+def test_bad_config_fails_before_the_model_is_touched():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="min_lr"):
+        maskllm.MaskLLMConfig(lr=1e-6)
+    with pytest.raises(ValueError, match="kappa"):
+        maskllm.MaskLLMConfig(kappa=(0.0, 5.0))
+    assert not maskllm.mask_layers(model)
+
+
+def test_any_model_with_a_task_loss_and_a_clear_error_without():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(64, 16)
+    y = x[:, :4].argmax(-1)
+    batches = [{"x": x[i:i + 8], "y": y[i:i + 8]} for i in range(0, 64, 8)]
+    with pytest.raises(ValueError, match="task_loss"):
+        maskllm.train_masks(model, batches, _cfg(steps=2), log=lambda *a: None)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    res = maskllm.train_masks(
+        model, batches, _cfg(steps=3), log=lambda *a: None,
+        task_loss=lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"]),
+    )
+    assert set(res.masks) == {"0", "2"}
+
+
+def test_add_masks_twice_keeps_earlier_layers_trainable():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    maskllm.add_masks(model, targets=["0"])
+    maskllm.add_masks(model, targets=["2"])
+    assert model[0].logits.requires_grad and model[2].logits.requires_grad
+    assert maskllm.sampling_state(model) is model[0].state is model[2].state

@@ -116,6 +116,9 @@ def _cmd_prune(a) -> int:
         raise UsageError(f"--method must be one of {', '.join(methods)}, got {a.method!r}")
     semisparse.parse_pattern(a.pattern)  # raises ValueError listing the valid forms
     if a.method == "maskllm":
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
+            torch.cuda.set_device(device)
         return _prune_maskllm(a, device, dtype)
     needs_calib = a.method != "magnitude"
     if needs_calib and not a.calib:
@@ -305,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=200, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate on the logits (cosine to 1%%)")
+    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate on the logits (cosine to 5e-6)")
     g.add_argument("--tau", default="4,0.05", help="Gumbel temperature START,END")
     g.add_argument("--kappa", default="100,500", help="logit scale START,END")
     g.add_argument("--schedule", default="linear", help="tau/kappa schedule: linear | exp | cosine | constant")

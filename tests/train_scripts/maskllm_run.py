@@ -44,19 +44,28 @@ def run(out: str, *, strategy: str, steps: int, kill_after: int | None, prior: s
     model = tiny_llama()
     cfg = maskllm.MaskLLMConfig(
         steps=steps, batch_size=4, grad_accum=grad_accum, lr=5e-2, prior=prior, seed=3, progress=False,
-        checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=2, distributed=strategy,
+        checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=2, distributed=strategy, eval_every=2,
     )
 
     def kill(step, metrics):
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    res = maskllm.train_masks(model, token_data(), cfg, callbacks=[kill], log=lambda *a: None)
+    held = token_data(8, seed=9)
+
+    def heldout_loss(mdl, step=None):  # runs in eval mode: the argmax masks
+        with torch.no_grad():
+            return {"loss": float(mdl(input_ids=held, labels=held).loss)}
+
+    res = maskllm.train_masks(model, token_data(), cfg, callbacks=[kill], eval_fn=heldout_loss, log=lambda *a: None)
+    model.eval()
+    final = heldout_loss(model)["loss"]  # the final masks, computed after training
     rank = int(os.environ.get("RANK", "0"))
     tensors = {f"mask.{k}": v.to(torch.uint8).contiguous() for k, v in res.masks.items()}
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"history": res.history, "resumed_from": res.resumed_from, "changed": res.changed}, f)
+        json.dump({"history": res.history, "resumed_from": res.resumed_from, "changed": res.changed,
+                   "last_eval": res.last_eval, "final_loss": final}, f)
 
 
 def main() -> None:

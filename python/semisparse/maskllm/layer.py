@@ -135,6 +135,17 @@ class MaskLLMLinear(nn.Module):
         self.logits = nn.Parameter(torch.zeros(groups, num_patterns(n, m), device=device, dtype=logits_dtype))
         self.state = state if state is not None else SamplingState()
         self.seed = int(seed)
+        if device != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self, init_std: float = 0.01) -> None:
+        """Weight and bias as ``nn.Linear`` initialises them; logits ``N(0, init_std)``."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+            if self.bias is not None:
+                bound = 1 / self.in_features**0.5 if self.in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+            self.logits.normal_(0.0, init_std)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -194,26 +205,19 @@ class MaskLLMLinear(nn.Module):
                     r = wm
                 st.reg_terms.append(r.float().pow(2).sum())
             return wm
-        return self.weight * self._eval_mask().to(self.weight.dtype)
+        return self.weight * mask_from_logits(self.logits, self.n, self.m, self.weight.shape).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)
 
     # ------------------------------------------------------------------- masks
     def mask(self) -> torch.Tensor:
-        """The final mask: bool ``[out, in]``, the argmax pattern of every group."""
-        return mask_from_logits(self.logits.detach(), self.n, self.m, self.weight.shape)
-
-    def _eval_mask(self) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return mask_from_logits(self.logits.detach(), self.n, self.m, self.weight.shape)
-        # eager: reuse the last mask while the logits are unchanged (in-place updates bump _version)
-        key = (self.logits.data_ptr(), self.logits._version, self.logits.device)
-        cached = self.__dict__.get("_mask_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, mask_from_logits(self.logits.detach(), self.n, self.m, self.weight.shape))
-            self.__dict__["_mask_cache"] = cached
-        return cached[1]
+        """The final mask: bool ``[out, in]``, the argmax pattern of every group (a plain
+        tensor also when FSDP2 shards the logits)."""
+        logits = self.logits.detach()
+        if hasattr(logits, "full_tensor"):  # DTensor (FSDP2)
+            logits = logits.full_tensor()
+        return mask_from_logits(logits, self.n, self.m, tuple(self.weight.shape))
 
     def set_mask(self, mask: torch.Tensor, scale: float = 1.0) -> None:
         """Set the logits so that the final mask is ``mask`` (e.g. to apply a stored task mask)."""

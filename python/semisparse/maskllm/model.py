@@ -140,6 +140,11 @@ def add_masks(
     # weights and biases train too
     for p in model.parameters():
         p.requires_grad_(False)
+    for mod in existing.values():  # layers masked by an earlier call keep training
+        mod.logits.requires_grad_(True)
+        for p in (mod.weight, mod.bias):
+            if p is not None:
+                p.requires_grad_(train_weights)
     gen = torch.Generator().manual_seed(int(seed))
     start = len(existing)
     for i, (name, lin) in enumerate(layers):
@@ -268,10 +273,10 @@ def unpack_masks(tensors: Mapping[str, torch.Tensor], header: Mapping, device="c
         packed = tensors[name].numpy().astype(np.int64)
         if packed.size != (g + d - 1) // d or math.prod(shape) != g * m:
             raise ValueError(f"task masks: {name!r}: {packed.size} bytes do not hold {g} groups of shape {shape}")
+        if packed.size and int(packed.max()) >= c**d:
+            raise ValueError(f"task masks: {name!r} holds a byte >= {c ** d}, not {d} base-{c} digits (corrupted)")
         digits = (packed[:, None] // (c ** np.arange(d, dtype=np.int64))) % c
         idx = torch.from_numpy(digits.reshape(-1)[:g].copy())
-        if bool((idx >= c).any()):
-            raise ValueError(f"task masks: {name!r} holds a pattern index >= {c} (corrupted)")
         out[name] = table[idx].reshape(shape).to(device)
     return out
 

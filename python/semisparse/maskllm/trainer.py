@@ -11,6 +11,8 @@ run draws the same noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -103,6 +105,14 @@ class MaskLLMConfig:
                 raise ValueError(f"MaskLLMConfig: {name} must be a finite number >= 0, got {v!r}")
         if self.init_std <= 0:
             raise ValueError(f"MaskLLMConfig: init_std must be > 0, got {self.init_std}")
+        if min(self.kappa) <= 0:
+            raise ValueError(f"MaskLLMConfig: kappa must stay > 0, got {self.kappa}")
+        Schedule(self.tau[0], self.tau[1], self.steps, self.schedule)
+        Schedule(self.kappa[0], self.kappa[1], self.steps, self.schedule)
+        try:  # the loop's own fields (lr, min_lr, ...): fail now, before the model is touched
+            self.train_config()
+        except ValueError as e:
+            raise ValueError(str(e).replace("TrainConfig", "MaskLLMConfig")) from None
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -160,6 +170,8 @@ def _batches(data, batch_size: int):
 def _calib_from(data, nsamples: int):
     if isinstance(data, torch.Tensor):
         return data[:nsamples].long()
+    if not hasattr(data, "__len__"):
+        raise ValueError("train_masks: a Wanda/SparseGPT prior with callable data needs calib= (token ids [n, seqlen])")
     rows = []
     for i in range(min(len(data), nsamples)):
         b = data[i]
@@ -168,6 +180,15 @@ def _calib_from(data, nsamples: int):
         if len(rows) >= nsamples:
             break
     return torch.stack(rows[:nsamples])
+
+
+def _seqlen_of(batches) -> int:
+    if isinstance(batches, (list, tuple)) and batches:
+        b = batches[0]
+        ids = b.get("input_ids") if isinstance(b, Mapping) else b
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] >= 2:
+            return int(ids.shape[-1])
+    raise ValueError("train_masks: pass eval_seqlen= (the evaluation window) with this form of data")
 
 
 def _inputs(batch):
@@ -213,7 +234,23 @@ def _hidden_of(model, inputs):
     return h
 
 
+def _call_error(model, e: TypeError) -> ValueError:
+    return ValueError(
+        f"train_masks: calling {type(_unwrap(model)).__name__} with Hugging Face style inputs failed ({e}); "
+        "for other models pass task_loss=fn(model, batch) -> loss"
+    )
+
+
 def _task_loss(kind: str, model, inputs) -> torch.Tensor:
+    try:
+        return _builtin_task_loss(kind, model, inputs)
+    except TypeError as e:
+        if "argument" in str(e):
+            raise _call_error(model, e) from e
+        raise
+
+
+def _builtin_task_loss(kind: str, model, inputs) -> torch.Tensor:
     if kind == "lm":
         labels = inputs.pop("labels", None)
         if labels is None:
@@ -226,13 +263,13 @@ def _task_loss(kind: str, model, inputs) -> torch.Tensor:
         return loss
     inputs.pop("labels", None)  # distillation: the dense model's outputs are the targets
     if kind == "kl":
-        with torch.no_grad(), masks_disabled(_unwrap(model)):
+        with _teacher(model):
             t = _logits_of(model(**inputs)).float()
         s = _logits_of(model(**inputs)).float()
         return F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2),
                         log_target=True, reduction="batchmean")
     # mse on the last hidden state
-    with torch.no_grad(), masks_disabled(_unwrap(model)):
+    with _teacher(model):
         t = _hidden_of(model, inputs).float()
     s = _hidden_of(model, inputs).float()
     return F.mse_loss(s, t)
@@ -240,6 +277,20 @@ def _task_loss(kind: str, model, inputs) -> torch.Tensor:
 
 def _unwrap(model):
     return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def _teacher(model):
+    """The dense model as the teacher: dense weights, eval mode (no dropout), no grad."""
+    inner = _unwrap(model)
+    modes = {m: m.training for m in inner.modules()}
+    inner.eval()
+    try:
+        with torch.no_grad(), masks_disabled(inner):
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 # --------------------------------------------------------------------- prior
@@ -256,14 +307,22 @@ def _compute_prior(model, cfg: MaskLLMConfig, data, calib, log) -> dict | None:
     # one-shot masks with the weights left as they are (SparseGPT without its update)
     if calib is None and prior != "magnitude":
         calib = _calib_from(data, cfg.prior_nsamples)
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # prune() zeroes the pruned weights in place: keep the Linear weights (on the CPU) and put
+    # them back, so the prior is a mask only and the model stays dense
+    from ..pruning.calibration import is_prunable
+
+    saved = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if is_prunable(mod) and isinstance(w, torch.Tensor) and id(w) not in saved:
+            saved[id(w)] = (w, w.detach().to("cpu", copy=True))
     opts = {"update": False} if prior == "sparsegpt" else {}
     try:
         masks = prune(model, prior, pattern=cfg.pattern, calib=calib, targets=cfg.targets, exclude=cfg.exclude, **opts)
     finally:
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+            for w, copy_ in saved.values():
+                w.copy_(copy_)
     log(f"maskllm: prior from {prior} ({len(masks)} layers)")
     return masks
 
@@ -290,6 +349,7 @@ def train_masks(
     eval_data: torch.Tensor | None = None,
     eval_seqlen: int | None = None,
     callbacks=(),
+    task_loss: Callable | None = None,
     log=print,
 ) -> MaskLLMResult:
     """Learn ``config.pattern`` masks for ``model``'s Linear layers (in place: the layers
@@ -301,7 +361,13 @@ def train_masks(
     ``index -> batch``. ``calib``: calibration ids for a Wanda/SparseGPT prior (default: the
     first ``prior_nsamples`` sequences of ``data``). ``eval_data``: held-out token ids;
     perplexity with the argmax masks is logged at ``eval_every`` and at the end
-    (``eval_fn(model, step) -> dict`` adds your own metrics).
+    (``eval_fn(model, step) -> dict`` adds your own metrics; it runs in eval mode, i.e. with
+    the argmax masks). ``task_loss(model, batch) -> loss`` replaces the built-in losses
+    (which call the model Hugging Face style: ``model(input_ids=..., labels=...)``) for
+    any other model; the regulariser is added to it.
+
+    Resuming (``checkpoint_dir`` with a checkpoint) requires the same MaskLLM settings and
+    the same data as the interrupted run: they are stored in the checkpoint and compared.
     """
     cfg = config or MaskLLMConfig()
     n, m = cfg.nm
@@ -331,7 +397,7 @@ def train_masks(
         state.collect_reg = reg_on
         state.reg_terms.clear()
         try:
-            task = _task_loss(kind, mdl, _inputs(batch))
+            task = task_loss(mdl, batch) if task_loss is not None else _task_loss(kind, mdl, _inputs(batch))
             metrics = {"task_loss": float(task.detach()), "tau": state.tau, "kappa": state.kappa}
             loss = task
             if reg_on and state.reg_terms:
@@ -348,7 +414,7 @@ def train_masks(
     if eval_data is not None:
         from ..eval import perplexity
 
-        seqlen = eval_seqlen or (int(batches[0]["input_ids"].shape[-1]) if isinstance(batches, list) else 128)
+        seqlen = eval_seqlen or _seqlen_of(batches)
 
         def ppl_eval(mdl, step):
             return {"ppl": perplexity(mdl, eval_data, seqlen=seqlen, progress=False)}
@@ -376,7 +442,7 @@ def train_masks(
     try:
         result = _train.train(
             model, batches, loss_fn, cfg.train_config(), params=params, eval_fn=all_evals if evals else None,
-            callbacks=callbacks,
+            callbacks=callbacks, extra_state=_RunIdentity(cfg, batches, prior),
         )
         model = result.model
         model.eval()
@@ -389,6 +455,70 @@ def train_masks(
         masks=masks, prior=prior, changed=changed, history=result.history, last_eval=result.last_eval,
         steps=result.step, resumed_from=result.resumed_from,
     )
+
+
+# settings that change the learned masks (the loop checks its own: steps, lr, seed, ...)
+_RESULT_FIELDS = ("pattern", "batch_size", "tau", "kappa", "schedule", "prior_strength", "init_std", "reg_lambda",
+                  "loss", "train_weights", "logits_dtype", "targets", "exclude")
+
+
+def _fingerprint(x) -> str:
+    """A short hash of tensors inside x (data batches, prior masks); '' for a callable."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+        elif isinstance(v, Mapping):
+            for k in sorted(v):
+                h.update(str(k).encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            for i in v:
+                walk(i)
+        else:
+            h.update(repr(v).encode())
+
+    if callable(x) and not isinstance(x, (list, tuple, Mapping, torch.Tensor)):
+        return ""
+    if hasattr(x, "__len__") and not isinstance(x, (list, tuple, Mapping, torch.Tensor)):
+        n = len(x)  # a dataset: its length and a few items, not every item
+        x = [n] + [x[i] for i in sorted({0, n // 2, n - 1}) if n > 0]
+    walk(x)
+    return h.hexdigest()[:16]
+
+
+class _RunIdentity:
+    """Stored in every checkpoint (``extra_state``): the MaskLLM settings and a hash of the
+    data and the prior; a resume with different ones is refused."""
+
+    def __init__(self, cfg: MaskLLMConfig, batches, prior):
+        d = config_dict(cfg)
+        self.state = {"maskllm": {k: d[k] for k in _RESULT_FIELDS}, "data": _fingerprint(batches),
+                      "prior": _fingerprint(prior) if prior is not None else None}
+        self.state = json.loads(json.dumps(self.state))  # tuples -> lists, as they come back
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        for key in ("maskllm", "data", "prior"):
+            if key not in sd:
+                raise ValueError(f"train_masks: the checkpoint was not written by train_masks (no {key!r} entry)")
+        for k, v in self.state["maskllm"].items():
+            if sd["maskllm"].get(k) != v:
+                raise ValueError(
+                    f"train_masks: cannot resume: the checkpoint was trained with {k}={sd['maskllm'].get(k)!r}, "
+                    f"this run has {k}={v!r}"
+                )
+        if sd["data"] != self.state["data"]:
+            raise ValueError("train_masks: cannot resume: the training data differ from the checkpoint's")
+        if sd["prior"] != self.state["prior"]:
+            raise ValueError("train_masks: cannot resume: the prior masks differ from the checkpoint's")
 
 
 def _wants_distributed(mode: str) -> bool:
@@ -414,7 +544,10 @@ def _final_masks(model) -> dict:
 
 
 def config_dict(cfg: MaskLLMConfig) -> dict:
+    """The config as JSON-able values (a prior given as masks becomes "<masks>")."""
     d = asdict(cfg)
     if not isinstance(d["prior"], (str, type(None))):
         d["prior"] = "<masks>"
+    for k in ("tau", "kappa", "betas"):
+        d[k] = list(d[k])
     return d

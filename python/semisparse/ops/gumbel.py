@@ -22,8 +22,8 @@ first) and counter ``(idx lo, idx hi, offset lo, offset hi)``, where
 in fp32 (fp64 for fp64 logits). In fp32 the sum ``(word >> 8) + 0.5`` rounds to even for
 ``word >> 8 >= 2**23``, and ``word >> 8 = 2**24 - 1`` would round to ``u = 1`` (``g = +inf``,
 a NaN softmax): the clamp keeps u in (0, 1); it changes nothing else (in fp64 the sum is
-exact and u <= 1 - 2**-25). A CPU kernel, the CUDA
-kernel and this reference draw the same noise for the same (seed, offset, element).
+exact and u <= 1 - 2**-25). The CPU kernels (and the
+CUDA kernel to come) and this reference draw the same noise for the same (seed, offset, element).
 
 Ops (``torch.ops.semisparse``):
 

@@ -373,9 +373,12 @@ def _run(model, source, loss_fn, config, ctx, device, groups, buffer_names,
 
     def evaluate(done: int) -> dict:
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            res = eval_fn(model, done)
-        model.train()
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                res = eval_fn(model, done)
+        finally:
+            model.train()
         if not isinstance(res, Mapping):
             raise TypeError(f"eval_fn must return a dict, got {type(res).__name__}")
         return {str(k): _plain(v) for k, v in res.items()}
