@@ -222,6 +222,16 @@ def test_remove_masks_restores_linear():
     maskllm.add_masks(model, targets=["0", "2"])
     masks = maskllm.remove_masks(model, apply=False)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, w0) and set(masks) == {"0", "2"}
+    assert all(p.requires_grad for p in model.parameters())  # the flags from before add_masks
+
+
+def test_remove_masks_restores_frozen_flags():
+    model = _mlp()
+    model[2].bias.requires_grad_(False)
+    maskllm.add_masks(model, targets=["0"])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.endswith("logits"))
+    maskllm.remove_masks(model)
+    assert model[0].weight.requires_grad and model[2].weight.requires_grad and not model[2].bias.requires_grad
 
 
 def test_state_dict_round_trip(tmp_path):

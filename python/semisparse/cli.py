@@ -184,6 +184,7 @@ def _prune_maskllm(a, device, dtype) -> int:
         pattern=a.pattern, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         tau=_pair(a.tau, "--tau"), kappa=_pair(a.kappa, "--kappa"), schedule=a.schedule, prior=prior,
         prior_strength=a.prior_strength, prior_nsamples=min(a.nsamples, 128), reg_lambda=a.reg_lambda, loss=a.loss,
+        prior_options={"damp": a.damp, "blocksize": a.blocksize} if a.prior == "sparsegpt" else {},
         logits_dtype=a.logits_dtype, train_weights=a.train_weights, targets=a.targets, exclude=a.exclude,
         seed=a.seed, eval_every=a.eval_every, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
         metrics_path=a.metrics, autocast=a.autocast,

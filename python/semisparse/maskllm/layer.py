@@ -42,6 +42,8 @@ class SamplingState:
     enabled: bool = True
     collect_reg: bool = False
     reg_terms: list = field(default_factory=list)
+    # requires_grad of the model's parameters before add_masks froze them (restored by remove_masks)
+    requires_grad_before: dict = field(default_factory=dict)
 
 
 def layer_seed(seed: int, index: int) -> int:

@@ -137,7 +137,9 @@ def add_masks(
         if missing and strict_prior:
             raise ValueError(f"maskllm: the prior has no mask for {len(missing)} layer(s), e.g. {missing[:3]}")
     # everything but the logits is frozen; with train_weights the masked layers' own
-    # weights and biases train too
+    # weights and biases train too (remove_masks restores the flags found by the first call)
+    if not existing:
+        state.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for mod in existing.values():  # layers masked by an earlier call keep training
@@ -180,15 +182,21 @@ def learned_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def remove_masks(model: nn.Module, apply: bool = True) -> dict[str, torch.Tensor]:
     """Put plain ``nn.Linear`` layers back (in place): with ``W * mask`` when ``apply``,
-    the untouched dense ``W`` otherwise. Returns the learned masks."""
+    the untouched dense ``W`` otherwise, and restore the ``requires_grad`` flags the model's
+    parameters had before :func:`add_masks`. Returns the learned masks."""
     masks = {}
-    for name, mod in mask_layers(model).items():
+    layers = mask_layers(model)
+    before = next(iter(layers.values())).state.requires_grad_before if layers else {}
+    for name, mod in layers.items():
         masks[name] = mod.mask()
         lin = mod.to_linear(apply_mask=apply)
         lin.train(mod.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, lin)
+    for n, p in model.named_parameters():  # the requires_grad flags add_masks found
+        if n in before:
+            p.requires_grad_(before[n])
     return masks
 
 

@@ -54,6 +54,7 @@ class MaskLLMConfig:
     prior: object = "sparsegpt"        # None | "magnitude" | "wanda" | "sparsegpt" | {name: mask} | path to a masks file
     prior_strength: float = 3.0        # alpha
     prior_nsamples: int = 64           # calibration sequences for a wanda/sparsegpt prior (from the training data)
+    prior_options: dict = field(default_factory=dict)  # passed to semisparse.prune (e.g. damp, blocksize)
     init_std: float = 0.01
     reg_lambda: float = 1e-5           # sparse-weight regulariser, decays linearly to 0
     loss: str = "auto"                 # auto | lm | kl | mse
@@ -105,6 +106,11 @@ class MaskLLMConfig:
                 raise ValueError(f"MaskLLMConfig: {name} must be a finite number >= 0, got {v!r}")
         if self.init_std <= 0:
             raise ValueError(f"MaskLLMConfig: init_std must be > 0, got {self.init_std}")
+        if not isinstance(self.prior_options, Mapping) or "update" in self.prior_options:
+            raise ValueError(
+                f"MaskLLMConfig: prior_options must be a dict of semisparse.prune options other than 'update' "
+                f"(the prior never changes a weight), got {self.prior_options!r}"
+            )
         if min(self.kappa) <= 0:
             raise ValueError(f"MaskLLMConfig: kappa must stay > 0, got {self.kappa}")
         Schedule(self.tau[0], self.tau[1], self.steps, self.schedule)
@@ -316,7 +322,7 @@ def _compute_prior(model, cfg: MaskLLMConfig, data, calib, log) -> dict | None:
         w = getattr(mod, "weight", None)
         if is_prunable(mod) and isinstance(w, torch.Tensor) and id(w) not in saved:
             saved[id(w)] = (w, w.detach().to("cpu", copy=True))
-    opts = {"update": False} if prior == "sparsegpt" else {}
+    opts = {**cfg.prior_options, **({"update": False} if prior == "sparsegpt" else {})}
     try:
         masks = prune(model, prior, pattern=cfg.pattern, calib=calib, targets=cfg.targets, exclude=cfg.exclude, **opts)
     finally:
