@@ -1,6 +1,27 @@
-"""LPViT: hardware-aware block pruning for vision transformers (work in progress: the
-allocation math; the model-level prune, swapping to BlockSparseLinear and the CLI come next)."""
+"""LPViT: hardware-aware block pruning for vision transformers (issue 5, in progress).
+
+Done: the allocation math (block scores, distortion curves, bisection on the shared slope,
+the analytical power term) and ``prune`` (masks applied by zeroing the pruned blocks).
+Next: the measured hardware cost, swapping layers to BlockSparseLinear, fine-tuning, the
+PNG report and the CLI."""
 
 from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
+from .calibrate import PrunableLayer, calibration_gradients, find_layers, layer_flops
+from .prune import POWER, LayerReport, LPViTReport, prune
 
-__all__ = ["LEVELS", "Allocation", "LayerCurve", "allocate", "block_scores", "distortion_curve"]
+__all__ = [
+    "LEVELS",
+    "POWER",
+    "Allocation",
+    "LPViTReport",
+    "LayerCurve",
+    "LayerReport",
+    "PrunableLayer",
+    "allocate",
+    "block_scores",
+    "calibration_gradients",
+    "distortion_curve",
+    "find_layers",
+    "layer_flops",
+    "prune",
+]

@@ -1,0 +1,138 @@
+"""``lpvit.prune``: LPViT block pruning of a model, in place.
+
+calibration gradient -> block scores -> per-layer distortion curves (101 levels) -> FLOPs
+allocation (bisection on the shared slope, optional hardware/power term) -> block masks
+applied (pruned blocks zeroed) -> a report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .allocation import LEVELS, LayerCurve, allocate, block_scores, distortion_curve
+from .calibrate import PrunableLayer, calibration_gradients, find_layers
+
+__all__ = ["prune", "LPViTReport", "LayerReport", "POWER"]
+
+POWER = (None, "analytical")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    blocks: int
+    pruned_blocks: int
+    flops: float          # dense FLOPs per calibration batch
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned_blocks / self.blocks if self.blocks else 0.0
+
+
+@dataclass
+class LPViTReport:
+    block: tuple[int, int]
+    target: float
+    kept_flops: float                      # fraction of the pruned layers' dense FLOPs kept
+    layers: list[LayerReport] = field(default_factory=list)
+    masks: dict = field(default_factory=dict)   # {layer: bool block mask [out/bh, in/bw]}
+    power: str | None = None
+    beta: float = 0.0
+
+    def table(self) -> str:
+        lines = [f"LPViT: block {self.block[0]}x{self.block[1]}, FLOPs target {self.target:.3f}, kept "
+                 f"{self.kept_flops:.4f}" + (f", power term {self.power} (beta {self.beta:.3g})" if self.power else ""),
+                 f"{'layer':<48} {'shape':>11} {'blocks':>7} {'sparsity':>9} {'GFLOPs':>8}"]
+        for r in self.layers:
+            lines.append(f"{r.name:<48} {r.shape[0]:>5}x{r.shape[1]:<5} {r.blocks:>7} {100 * r.sparsity:>8.1f}% "
+                         f"{r.flops / 1e9:>8.4f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _parse_block(block) -> tuple[int, int]:
+    if isinstance(block, str):
+        try:
+            bh, bw = (int(v) for v in block.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"lpvit: block must look like '32x32', got {block!r}") from None
+        block = (bh, bw)
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block)):
+        raise ValueError(f"lpvit: block must be (rows, cols) of positive integers, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def block_mask_for(scores: torch.Tensor, pruned: int) -> torch.Tensor:
+    """Keep-mask over blocks with the ``pruned`` lowest-scored blocks removed (ties by index)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(scores.reshape(-1), stable=True).indices[:pruned]] = False
+    return keep.reshape(scores.shape)
+
+
+def expand(block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block mask [R, C] -> element mask [R*bh, C*bw]."""
+    return block_mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+
+
+@torch.no_grad()
+def _apply(lay: PrunableLayer, mask: torch.Tensor, block) -> None:
+    w = lay.module.weight
+    m = expand(mask, block).to(w.device).reshape(w.shape)
+    w.masked_fill_(~m, 0)
+
+
+def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: str | None = None, *,
+          max_sparsity: float = 0.95, targets=None, exclude=None) -> LPViTReport:
+    """Prune ``model``'s Linear and Conv2d layers in ``block``-sized blocks so that their
+    FLOPs are ``flops`` (a fraction in (0, 1]) of the dense ones, in place.
+
+    ``calib``: an iterable of model inputs (tensors, tuples of positional inputs, or dicts of
+    keyword inputs), no labels. ``power``: ``None`` or ``"analytical"`` (cost proportional to
+    the surviving blocks, balanced against the distortion as in the paper). Every selected
+    layer's matrix (Conv2d: ``[out, in/groups * kh * kw]``) must be divisible by the block;
+    use ``exclude`` for the ones that are not. Returns a report with the block masks.
+    """
+    block = _parse_block(block)
+    if not (isinstance(flops, (int, float)) and not isinstance(flops, bool) and 0 < flops <= 1):
+        raise ValueError(f"lpvit: flops (the fraction of FLOPs kept) must be in (0, 1], got {flops!r}")
+    if power not in POWER:
+        raise ValueError(f"lpvit: power must be one of {POWER}, got {power!r}")
+    if not (0 < max_sparsity <= 1):
+        raise ValueError(f"lpvit: max_sparsity must be in (0, 1], got {max_sparsity!r}")
+    layers = find_layers(model, targets, exclude)
+    bad = [f"{lay.name} {lay.shape[0]}x{lay.shape[1]}" for lay in layers
+           if lay.shape[0] % block[0] or lay.shape[1] % block[1]]
+    if bad:
+        raise ValueError(
+            f"lpvit: block {block[0]}x{block[1]} does not divide {len(bad)} layer(s): {', '.join(bad[:6])}"
+            f"{' ...' if len(bad) > 6 else ''}; exclude them (exclude=[...]) or choose another block"
+        )
+    grads, layer_flops = calibration_gradients(model, layers, calib)
+    curves, scores = [], {}
+    for lay in layers:
+        w = lay.matrix().detach()
+        g = lay.matrix(grads[lay.name])
+        scores[lay.name] = block_scores(w, g, block)
+        d = distortion_curve(w, g, block)
+        f = max(layer_flops[lay.name], 1.0)
+        cost = (1 - torch.linspace(0, 1, LEVELS, dtype=torch.float64)) * f if power == "analytical" else None
+        curves.append(LayerCurve(lay.name, flops=f, distortion=d, cost=cost, max_sparsity=max_sparsity,
+                                 nblocks=scores[lay.name].numel()))
+    alloc = allocate(curves, float(flops))
+    report = LPViTReport(block=block, target=float(flops), kept_flops=alloc.kept_flops, power=power, beta=alloc.beta)
+    for lay, c in zip(layers, curves):
+        nb = c.nblocks
+        pruned = round(alloc.sparsity[lay.name] * nb)
+        mask = block_mask_for(scores[lay.name], pruned)
+        _apply(lay, mask, block)
+        report.masks[lay.name] = mask
+        report.layers.append(LayerReport(lay.name, lay.kind, lay.shape, nb, pruned, c.flops))
+    return report

@@ -1,0 +1,53 @@
+"""lpvit.prune on models built from configs (HF ViT) and on a plain conv net."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from semisparse import lpvit
+
+
+def _vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, num_labels=10)
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("power", [None, "analytical"])
+def test_vit_hits_the_flops_target_and_zeroes_whole_blocks(power):
+    model = _vit()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    rep = lpvit.prune(model, calib, block=(16, 16), flops=0.5, power=power, exclude=["classifier"])
+    assert 0.49 <= rep.kept_flops <= 0.5 + 1e-9
+    kept = sum(r.flops * (1 - r.sparsity) for r in rep.layers) / sum(r.flops for r in rep.layers)
+    assert kept == pytest.approx(rep.kept_flops)
+    for r in rep.layers:
+        w = model.get_submodule(r.name).weight.detach().reshape(r.shape[0], -1)
+        blocks = w.reshape(r.shape[0] // 16, 16, r.shape[1] // 16, 16).abs().sum((1, 3))
+        mask = rep.masks[r.name]
+        assert bool((blocks[~mask] == 0).all()) and bool((blocks[mask] > 0).all())
+        assert r.sparsity <= 0.95
+    assert "sparsity" in rep.table()
+
+
+def test_conv_net_and_bad_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 32, 2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 32))
+    calib = [torch.randn(2, 4, 8, 8) for _ in range(2)]
+    rep = lpvit.prune(model, calib, block="16x16", flops=0.6)
+    assert {r.kind for r in rep.layers} == {"conv2d", "linear"}
+    assert 0.59 <= rep.kept_flops <= 0.6 + 1e-9
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        lpvit.prune(model, calib, block=(16, 16), flops=1.5)
+    with pytest.raises(ValueError, match="does not divide"):
+        lpvit.prune(model, calib, block=(32, 24), flops=0.5)
+    with pytest.raises(ValueError, match="nothing to prune"):
+        lpvit.prune(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), calib, flops=0.5)
+    with pytest.raises(ValueError, match="block must"):
+        lpvit.prune(model, calib, block="32by32", flops=0.5)
+    with pytest.raises(ValueError, match="power"):
+        lpvit.prune(model, calib, block=(16, 16), flops=0.5, power="watts")
