@@ -7,9 +7,10 @@ PNG report and the CLI."""
 
 from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
 from .calibrate import PrunableLayer, calibration_gradients, find_layers, layer_flops
-from .prune import POWER, LayerReport, LPViTReport, prune
+from .prune import ALLOCATIONS, POWER, LayerReport, LPViTReport, mask_gradients, prune, reapply_masks
 
 __all__ = [
+    "ALLOCATIONS",
     "LEVELS",
     "POWER",
     "Allocation",
@@ -23,5 +24,7 @@ __all__ = [
     "distortion_curve",
     "find_layers",
     "layer_flops",
+    "mask_gradients",
     "prune",
+    "reapply_masks",
 ]

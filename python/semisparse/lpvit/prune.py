@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .allocation import LEVELS, LayerCurve, allocate, block_scores, distortion_curve
+from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
 from .calibrate import PrunableLayer, calibration_gradients, find_layers
 
-__all__ = ["prune", "LPViTReport", "LayerReport", "POWER"]
+__all__ = ["prune", "LPViTReport", "LayerReport", "POWER", "ALLOCATIONS", "mask_gradients", "reapply_masks"]
 
 POWER = (None, "analytical")
+ALLOCATIONS = ("lpvit", "uniform")
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _apply(lay: PrunableLayer, mask: torch.Tensor, block) -> None:
 
 
 def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: str | None = None, *,
-          max_sparsity: float = 0.95, targets=None, exclude=None) -> LPViTReport:
+          max_sparsity: float = 0.95, targets=None, exclude=None, allocation: str = "lpvit") -> LPViTReport:
     """Prune ``model``'s Linear and Conv2d layers in ``block``-sized blocks so that their
     FLOPs are ``flops`` (a fraction in (0, 1]) of the dense ones, in place.
 
@@ -98,11 +99,15 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
     keyword inputs), no labels. ``power``: ``None`` or ``"analytical"`` (cost proportional to
     the surviving blocks, balanced against the distortion as in the paper). Every selected
     layer's matrix (Conv2d: ``[out, in/groups * kh * kw]``) must be divisible by the block;
-    use ``exclude`` for the ones that are not. Returns a report with the block masks.
+    use ``exclude`` for the ones that are not. ``allocation="uniform"`` is the baseline:
+    every layer pruned to the same block sparsity ``1 - flops`` (the same block scores).
+    Returns a report with the block masks.
     """
     block = _parse_block(block)
     if not (isinstance(flops, (int, float)) and not isinstance(flops, bool) and 0 < flops <= 1):
         raise ValueError(f"lpvit: flops (the fraction of FLOPs kept) must be in (0, 1], got {flops!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"lpvit: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if power not in POWER:
         raise ValueError(f"lpvit: power must be one of {POWER}, got {power!r}")
     if not (0 < max_sparsity <= 1):
@@ -126,7 +131,15 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
         cost = (1 - torch.linspace(0, 1, LEVELS, dtype=torch.float64)) * f if power == "analytical" else None
         curves.append(LayerCurve(lay.name, flops=f, distortion=d, cost=cost, max_sparsity=max_sparsity,
                                  nblocks=scores[lay.name].numel()))
-    alloc = allocate(curves, float(flops))
+    if allocation == "uniform":
+        if 1 - flops > max_sparsity + 1e-12:
+            raise ValueError(f"lpvit: uniform allocation at flops={flops} exceeds max_sparsity={max_sparsity}")
+        sp = {c.name: round((1 - flops) * c.nblocks) / c.nblocks for c in curves}
+        total = sum(c.flops for c in curves)
+        alloc = Allocation(sparsity=sp, kept_flops=sum(c.flops * (1 - sp[c.name]) for c in curves) / total,
+                           slope=float("nan"), beta=0.0)
+    else:
+        alloc = allocate(curves, float(flops))
     report = LPViTReport(block=block, target=float(flops), kept_flops=alloc.kept_flops, power=power, beta=alloc.beta)
     for lay, c in zip(layers, curves):
         nb = c.nblocks
@@ -136,3 +149,23 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
         report.masks[lay.name] = mask
         report.layers.append(LayerReport(lay.name, lay.kind, lay.shape, nb, pruned, c.flops))
     return report
+
+
+def mask_gradients(model: nn.Module, report: LPViTReport) -> list:
+    """Keep the pruned blocks at zero while fine-tuning: hooks that zero their gradients
+    (AdamW then never moves them: zero gradient, zero moments, decay of a zero weight).
+    Returns the hook handles (``h.remove()`` to take them off)."""
+    handles = []
+    for name, bmask in report.masks.items():
+        w = model.get_submodule(name).weight
+        m = expand(bmask, report.block).to(w.device).reshape(w.shape)
+        handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+    return handles
+
+
+@torch.no_grad()
+def reapply_masks(model: nn.Module, report: LPViTReport) -> None:
+    """Zero the pruned blocks again (e.g. after a fine-tune without :func:`mask_gradients`)."""
+    for name, bmask in report.masks.items():
+        w = model.get_submodule(name).weight
+        w.masked_fill_(~expand(bmask, report.block).to(w.device).reshape(w.shape), 0)
