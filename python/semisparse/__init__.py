@@ -3,19 +3,22 @@
 from . import ops  # defines the op schemas and loads the native libraries
 from ._native import cpu_isa, set_cpu_isa
 from ._native import status as native_status
-from .formats import Sparse24, nm_mask
-from .nn import SparseLinear
+from .formats import BlockSparse, Sparse24, nm_mask
+from .nn import BlockSparseAttention, BlockSparseLinear, SparseLinear
 from .pruning import parse_pattern, prune
 from .sparsify import SparsifyReport, sparsify
 from .data import calibration_samples, eval_tokens, load_text
 from .eval import fidelity, perplexity
 from .hf import load_pretrained, save_pretrained
 from .masks import apply_masks, load_masks, save_masks
-from . import maskllm, train  # noqa: E402  (learned masks; the shared training loop)
+from . import lpvit, maskllm, train  # noqa: E402  (the methods; the shared training loop)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparse",
+    "BlockSparseAttention",
+    "BlockSparseLinear",
     "Sparse24",
     "SparseLinear",
     "SparsifyReport",
@@ -25,6 +28,7 @@ __all__ = [
     "fidelity",
     "load_masks",
     "load_pretrained",
+    "lpvit",
     "maskllm",
     "load_text",
     "perplexity",
