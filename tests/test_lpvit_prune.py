@@ -51,3 +51,26 @@ def test_conv_net_and_bad_input():
         lpvit.prune(model, calib, block="32by32", flops=0.5)
     with pytest.raises(ValueError, match="power"):
         lpvit.prune(model, calib, block=(16, 16), flops=0.5, power="watts")
+
+
+def test_swap_to_block_sparse_linear_keeps_outputs_and_plots(tmp_path):
+    import semisparse
+
+    model = _vit()
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    rep = lpvit.prune(model, calib, block=(16, 16), flops=0.5, exclude=["classifier"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+    swapped_model = _vit()
+    rep2 = lpvit.prune(swapped_model, calib, block=(16, 16), flops=0.5, exclude=["classifier"], swap=True)
+    assert len(rep2.swapped) == 12  # every Linear but the classifier; the patch Conv2d stays
+    for name in rep2.swapped:
+        mod = swapped_model.get_submodule(name)
+        assert isinstance(mod, semisparse.BlockSparseLinear)
+        assert torch.equal(mod.block_mask(), rep2.masks[name])
+    with torch.no_grad():
+        torch.testing.assert_close(swapped_model(pixel_values=x).logits, ref, rtol=1e-4, atol=1e-5)
+    pytest.importorskip("matplotlib")
+    rep2.plot(tmp_path / "lpvit.png")
+    assert (tmp_path / "lpvit.png").stat().st_size > 1000

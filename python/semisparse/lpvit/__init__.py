@@ -1,9 +1,10 @@
 """LPViT: hardware-aware block pruning for vision transformers (issue 5, in progress).
 
 Done: the allocation math (block scores, distortion curves, bisection on the shared slope,
-the analytical power term) and ``prune`` (masks applied by zeroing the pruned blocks).
-Next: the measured hardware cost, swapping layers to BlockSparseLinear, fine-tuning, the
-PNG report and the CLI."""
+the analytical power term), ``prune`` (masks applied by zeroing the pruned blocks, or
+``swap=True``: Linear layers replaced by BlockSparseLinear), the report table and PNG
+chart. Next: the measured hardware cost, fine-tuning through ``semisparse.train`` and the
+CLI."""
 
 from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
 from .calibrate import PrunableLayer, calibration_gradients, find_layers, layer_flops

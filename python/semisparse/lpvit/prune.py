@@ -44,6 +44,39 @@ class LPViTReport:
     masks: dict = field(default_factory=dict)   # {layer: bool block mask [out/bh, in/bw]}
     power: str | None = None
     beta: float = 0.0
+    swapped: list = field(default_factory=list)   # layers replaced by BlockSparseLinear
+
+    def plot(self, path) -> None:
+        """A PNG bar chart of every layer's block sparsity and its share of the dense FLOPs
+        (matplotlib, optional), written atomically."""
+        import os
+        from pathlib import Path
+
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=True)
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("lpvit: the chart needs matplotlib (pip install matplotlib)") from e
+        names = [r.name for r in self.layers]
+        total = sum(r.flops for r in self.layers) or 1.0
+        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 4.5))
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [100 * r.sparsity for r in self.layers], width=0.4, label="block sparsity (%)")
+        ax.bar([i + 0.2 for i in x], [100 * r.flops / total for r in self.layers], width=0.4,
+               label="share of dense FLOPs (%)")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_title(f"LPViT {self.block[0]}x{self.block[1]} blocks, FLOPs kept {self.kept_flops:.3f}")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, path)
 
     def table(self) -> str:
         lines = [f"LPViT: block {self.block[0]}x{self.block[1]}, FLOPs target {self.target:.3f}, kept "
@@ -91,7 +124,8 @@ def _apply(lay: PrunableLayer, mask: torch.Tensor, block) -> None:
 
 
 def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: str | None = None, *,
-          max_sparsity: float = 0.95, targets=None, exclude=None, allocation: str = "lpvit") -> LPViTReport:
+          max_sparsity: float = 0.95, targets=None, exclude=None, allocation: str = "lpvit",
+          swap: bool = False) -> LPViTReport:
     """Prune ``model``'s Linear and Conv2d layers in ``block``-sized blocks so that their
     FLOPs are ``flops`` (a fraction in (0, 1]) of the dense ones, in place.
 
@@ -101,7 +135,10 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
     layer's matrix (Conv2d: ``[out, in/groups * kh * kw]``) must be divisible by the block;
     use ``exclude`` for the ones that are not. ``allocation="uniform"`` is the baseline:
     every layer pruned to the same block sparsity ``1 - flops`` (the same block scores).
-    Returns a report with the block masks.
+    ``swap=True`` replaces each pruned ``nn.Linear`` by a
+    :class:`~semisparse.nn.BlockSparseLinear` holding only its kept blocks (Conv2d layers stay
+    dense with zeroed blocks); the report lists the swapped layers. Returns a report with
+    the block masks.
     """
     block = _parse_block(block)
     if not (isinstance(flops, (int, float)) and not isinstance(flops, bool) and 0 < flops <= 1):
@@ -148,6 +185,18 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
         _apply(lay, mask, block)
         report.masks[lay.name] = mask
         report.layers.append(LayerReport(lay.name, lay.kind, lay.shape, nb, pruned, c.flops))
+    if swap:
+        from ..nn import BlockSparseLinear
+
+        for lay in layers:
+            if lay.kind != "linear":
+                continue
+            new = BlockSparseLinear.from_dense(lay.module, block, report.masks[lay.name])
+            new.train(lay.module.training)
+            parent_name, _, child = lay.name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            report.swapped.append(lay.name)
     return report
 
 
