@@ -17,7 +17,7 @@ def _vit():
     return transformers.ViTForImageClassification(cfg).eval()
 
 
-@pytest.mark.parametrize("power", [None, "analytical"])
+@pytest.mark.parametrize("power", [None, "analytical", "measured"])
 def test_vit_hits_the_flops_target_and_zeroes_whole_blocks(power):
     model = _vit()
     calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
@@ -74,3 +74,15 @@ def test_swap_to_block_sparse_linear_keeps_outputs_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     rep2.plot(tmp_path / "lpvit.png")
     assert (tmp_path / "lpvit.png").stat().st_size > 1000
+
+
+def test_measured_cost_curve():
+    # (timings are not asserted: tests check correctness, the bench measures speed)
+    cost = lpvit.measured_cost((256, 256), (32, 32), rows=64, reps=3)
+    assert cost.shape == (lpvit.LEVELS,) and cost.dtype == torch.float64
+    assert bool(torch.isfinite(cost).all()) and bool((cost >= 0).all())
+    # linear between the measured levels: the midpoint of 0 and 0.25 is the mean of its ends
+    assert float(cost[12]) == pytest.approx(float(cost[0]) + 0.48 * float(cost[25] - cost[0]), rel=1e-9, abs=1e-12)
+    cache = {}
+    a = lpvit.measured_cost((64, 64), (16, 16), rows=8, reps=1, cache=cache)
+    assert lpvit.measured_cost((64, 64), (16, 16), rows=8, reps=1, cache=cache) is a

@@ -14,10 +14,11 @@ from torch import nn
 
 from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
 from .calibrate import PrunableLayer, calibration_gradients, find_layers
+from .cost import measured_cost
 
 __all__ = ["prune", "LPViTReport", "LayerReport", "POWER", "ALLOCATIONS", "mask_gradients", "reapply_masks"]
 
-POWER = (None, "analytical")
+POWER = (None, "analytical", "measured")
 ALLOCATIONS = ("lpvit", "uniform")
 
 
@@ -130,8 +131,10 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
     FLOPs are ``flops`` (a fraction in (0, 1]) of the dense ones, in place.
 
     ``calib``: an iterable of model inputs (tensors, tuples of positional inputs, or dicts of
-    keyword inputs), no labels. ``power``: ``None`` or ``"analytical"`` (cost proportional to
-    the surviving blocks, balanced against the distortion as in the paper). Every selected
+    keyword inputs), no labels. ``power``: ``None``, ``"analytical"`` (cost proportional to
+    the surviving blocks, balanced against the distortion as in the paper) or ``"measured"``
+    (the time of our BlockSparseLinear kernel for each Linear layer's shape and calibration
+    rows, on this machine, at 0-100% block sparsity; :func:`~semisparse.lpvit.cost.measured_cost`). Every selected
     layer's matrix (Conv2d: ``[out, in/groups * kh * kw]``) must be divisible by the block;
     use ``exclude`` for the ones that are not. ``allocation="uniform"`` is the baseline:
     every layer pruned to the same block sparsity ``1 - flops`` (the same block scores).
@@ -158,6 +161,7 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
             f"{' ...' if len(bad) > 6 else ''}; exclude them (exclude=[...]) or choose another block"
         )
     grads, layer_flops = calibration_gradients(model, layers, calib)
+    timings: dict = {}
     curves, scores = [], {}
     for lay in layers:
         w = lay.matrix().detach()
@@ -165,7 +169,12 @@ def prune(model: nn.Module, calib, block=(32, 32), flops: float = 0.5, power: st
         scores[lay.name] = block_scores(w, g, block)
         d = distortion_curve(w, g, block)
         f = max(layer_flops[lay.name], 1.0)
-        cost = (1 - torch.linspace(0, 1, LEVELS, dtype=torch.float64)) * f if power == "analytical" else None
+        cost = None
+        if power == "analytical":
+            cost = (1 - torch.linspace(0, 1, LEVELS, dtype=torch.float64)) * f
+        elif power == "measured" and lay.kind == "linear":  # Conv2d layers stay dense: no measured saving
+            rows = max(1, round(f / (2 * lay.shape[0] * lay.shape[1])))
+            cost = measured_cost(lay.shape, block, rows, cache=timings)
         curves.append(LayerCurve(lay.name, flops=f, distortion=d, cost=cost, max_sparsity=max_sparsity,
                                  nblocks=scores[lay.name].numel()))
     if allocation == "uniform":
