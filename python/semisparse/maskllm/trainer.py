@@ -453,6 +453,8 @@ def train_masks(
         model = result.model
         model.eval()
         masks = _final_masks(model)
+        if own_group:
+            torch.distributed.barrier()  # no rank tears the group down while another still gathers
     finally:
         if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -59,8 +59,13 @@ class DistContext:
         dist.all_gather(out, padded)
         return [o[: int(s)].cpu() for o, s in zip(out, sizes)]
 
-    def finish(self) -> None:
+    def finish(self, clean: bool = True) -> None:
+        """Destroy the default group if we created it. After a clean run every rank first
+        meets at a barrier, so no rank tears gloo/nccl down while another still has a
+        collective in flight (an early teardown can abort the other process)."""
         if self.created_group and dist.is_initialized():
+            if clean and self.enabled:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -294,10 +294,13 @@ def train(
     device = _model_device(model)
     ctx = setup(config.distributed, device)
     try:
-        return _run(model, source, loss_fn, config, ctx, device, groups, buffer_names,
-                    eval_fn, callbacks, fsdp_modules, extra_state, ddp_kwargs)
-    finally:
-        ctx.finish()
+        result = _run(model, source, loss_fn, config, ctx, device, groups, buffer_names,
+                      eval_fn, callbacks, fsdp_modules, extra_state, ddp_kwargs)
+    except BaseException:
+        ctx.finish(clean=False)
+        raise
+    ctx.finish(clean=True)
+    return result
 
 
 def _micro_sync(wrapped: nn.Module, ctx: DistContext, sync: bool):
