@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .nn import SparseLinear
 
-__all__ = ["sparsify", "SparsifyReport", "name_matches"]
+__all__ = ["sparsify", "SparsifyReport", "name_matches", "name_patterns"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -19,6 +20,20 @@ def name_matches(name: str, pattern: str) -> bool:
     """A module name matches a pattern when it equals it, ends with ``"." + pattern``
     (PEFT's suffix rule, e.g. ``"q_proj"``), or matches it as a glob (``"*.mlp.*"``)."""
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def name_patterns(x, what: str, where: str) -> list[str] | None:
+    """``None``, one name pattern or an iterable of them -> a list (``None`` stays ``None``);
+    anything else is a ``ValueError`` naming ``where`` and ``what``."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, Iterable):
+        items = list(x)
+        if all(isinstance(p, str) for p in items):
+            return items
+    raise ValueError(f"{where}: {what} must be a name pattern or a list of them, got {x!r}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sparsify import name_matches
+from ..sparsify import name_matches, name_patterns
 
 __all__ = ["PrunableLayer", "find_layers", "calibration_gradients", "layer_flops"]
 
@@ -36,20 +36,10 @@ class PrunableLayer:
         return int(w.shape[0]), int(w[0].numel())
 
 
-def _as_list(x, what: str) -> list[str] | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return [x]
-    if isinstance(x, (list, tuple)) and all(isinstance(p, str) for p in x):
-        return list(x)
-    raise ValueError(f"lpvit: {what} must be a name pattern or a list of them, got {x!r}")
-
-
 def find_layers(model: nn.Module, targets=None, exclude=None) -> list[PrunableLayer]:
     """Every ``nn.Linear`` and ``nn.Conv2d`` (or those matching ``targets``), minus ``exclude``.
     Raises ``ValueError`` listing what the model holds when nothing is prunable."""
-    targets, exclude = _as_list(targets, "targets"), _as_list(exclude, "exclude") or []
+    targets, exclude = name_patterns(targets, "targets", "lpvit"), name_patterns(exclude, "exclude", "lpvit") or []
     found = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):

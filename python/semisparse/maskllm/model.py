@@ -18,7 +18,7 @@ from ..io import load_tensors, save_tensors
 from ..ops.gumbel import num_patterns, pattern_table
 from ..pruning.calibration import find_blocks
 from ..pruning.patterns import parse_pattern
-from ..sparsify import SparsifyReport, name_matches, sparsify
+from ..sparsify import SparsifyReport, name_matches, name_patterns, sparsify
 from .layer import MaskLLMLinear, SamplingState, layer_seed, pattern_index
 
 __all__ = [
@@ -49,20 +49,10 @@ def _nm(pattern) -> tuple[int, int]:
     return p.n, p.m
 
 
-def _as_patterns(x, what: str) -> list[str] | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return [x]
-    if isinstance(x, (list, tuple)) and all(isinstance(p, str) for p in x):
-        return list(x)
-    raise ValueError(f"maskllm: {what} must be a name pattern or a list of them, got {x!r}")
-
-
 def _select(model: nn.Module, targets, exclude, m: int) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
     """Linear layers to mask: ``targets`` name patterns (default: every Linear inside the
     model's repeated blocks, or every Linear when there are none), minus ``exclude``."""
-    targets, exclude = _as_patterns(targets, "targets"), _as_patterns(exclude, "exclude") or []
+    targets, exclude = name_patterns(targets, "targets", "maskllm"), name_patterns(exclude, "exclude", "maskllm") or []
     owners: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
         for _, p in mod.named_parameters(recurse=False):

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import train as _train
 from ..pruning.patterns import parse_pattern
-from .model import add_masks, changed_fraction, learned_masks, mask_layers, masks_disabled, sampling_state
+from .model import add_masks, changed_fraction, mask_layers, masks_disabled, sampling_state
 from .schedule import SCHEDULES, Schedule
 
 __all__ = ["MaskLLMConfig", "MaskLLMResult", "train_masks", "PRIORS", "LOSSES", "memory_per_weight"]
@@ -376,7 +376,7 @@ def train_masks(
     the same data as the interrupted run: they are stored in the checkpoint and compared.
     """
     cfg = config or MaskLLMConfig()
-    n, m = cfg.nm
+    _, m = cfg.nm
     batches = _batches(data, cfg.batch_size)
     layers = mask_layers(model)
     prior = None

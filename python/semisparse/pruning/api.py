@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sparsify import name_matches
+from ..sparsify import name_matches, name_patterns
 from .calibration import (
     BlockInputs,
     calibration_mode,
@@ -61,16 +60,6 @@ class _Layer:
 
     def own_layout(self, keep: torch.Tensor) -> torch.Tensor:
         return keep.t().contiguous() if self.conv1d else keep
-
-
-def _as_list(x, what: str) -> list[str] | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return [x]
-    if isinstance(x, Iterable) and all(isinstance(p, str) for p in x):
-        return list(x)
-    raise ValueError(f"prune: {what} must be a name pattern or a list of them, got {x!r}")
 
 
 def _check_options(method: str, options: dict, pattern: SparsityPattern) -> dict:
@@ -224,8 +213,8 @@ def prune(
         raise ValueError(f"prune: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     pat = parse_pattern(pattern)
     opts = _check_options(method, options, pat)
-    targets_l = _as_list(targets, "targets")
-    exclude_l = _as_list(exclude, "exclude") or []
+    targets_l = name_patterns(targets, "targets", "prune")
+    exclude_l = name_patterns(exclude, "exclude", "prune") or []
 
     blocks_name, blocks = find_blocks(model)
     layers, skipped = _select(model, blocks_name, targets_l, exclude_l, pat)
