@@ -51,6 +51,9 @@ def run(out: str, *, strategy: str = "none", steps: int = 8, grad_accum: int = 2
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"history": res.history, "resumed_from": res.resumed_from, "step": res.step}, f)
     if strategy == "fsdp2":
+        # every rank has written its files before any tears gloo down (an early teardown
+        # can abort the other process: 'terminate called without an active exception')
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
