@@ -111,9 +111,11 @@ def _cmd_prune(a) -> int:
     from .masks import save_masks
 
     device, dtype = _device(a.device), _DTYPES[a.dtype]
-    methods = (*semisparse.pruning.METHODS, "maskllm")
+    methods = (*semisparse.pruning.METHODS, "maskllm", "lpvit")
     if a.method not in methods:
         raise UsageError(f"--method must be one of {', '.join(methods)}, got {a.method!r}")
+    if a.method == "lpvit":  # block pruning: --pattern does not apply
+        return _prune_lpvit(a, device, dtype)
     semisparse.parse_pattern(a.pattern)  # raises ValueError listing the valid forms
     if a.method == "maskllm":
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -234,6 +236,146 @@ def _prune_maskllm(a, device, dtype) -> int:
     return 0
 
 
+def _block(text: str) -> tuple[int, int]:
+    """``"RxC"`` (or ``"N"`` for NxN) -> (R, C), positive integers."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        vals = tuple(int(v) for v in parts)
+    except ValueError:
+        vals = ()
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"--block must be ROWSxCOLS of positive integers (e.g. 32x32), got {text!r}")
+    return (vals[0], vals[0]) if len(vals) == 1 else vals
+
+
+class _CopyFiles:
+    """Something with ``save_pretrained(dir)`` that copies files of the input model folder
+    (e.g. its ``preprocessor_config.json``) byte for byte into the output folder, so that
+    they land in ``save_pretrained``'s temporary folder and the folder appears whole."""
+
+    def __init__(self, src: str, names: list[str]):
+        self.src, self.names = src, names
+
+    def save_pretrained(self, out_dir) -> None:
+        import shutil
+
+        for name in self.names:
+            shutil.copyfile(os.path.join(self.src, name), os.path.join(out_dir, name))
+
+
+def _check_out_path(path: str | None, flag: str) -> None:
+    if path and os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; expected a file path")
+
+
+def _lpvit_report_json(report, a, block) -> dict:
+    return {
+        "method": "lpvit", "model": a.model, "block": list(block), "flops_target": report.target,
+        "kept_flops": report.kept_flops, "power": report.power, "beta": report.beta, "allocation": a.allocation,
+        "max_sparsity": a.max_sparsity, "calib": a.calib, "nsamples": a.nsamples, "seed": a.seed,
+        "layers": [{"name": r.name, "kind": r.kind, "shape": list(r.shape), "blocks": r.blocks,
+                    "pruned_blocks": r.pruned_blocks, "sparsity": r.sparsity, "flops": r.flops}
+                   for r in report.layers],
+    }
+
+
+def _prune_lpvit(a, device, dtype) -> int:
+    """``semisparse prune --method lpvit``: LPViT block pruning of an image model at a FLOPs
+    target, calibrated (label-free) on --calib images; writes a plain Hugging Face folder
+    with the pruned blocks zeroed."""
+    from . import lpvit
+    from .data import load_calibration_images
+    from .hf import save_pretrained
+    from .io import atomic_write_bytes
+    from .lpvit.calibrate import find_layers
+    from .lpvit.prune import expand
+    from .masks import save_masks
+
+    block = _block(a.block)
+    if not 0 < a.flops <= 1:
+        raise UsageError(f"--flops (the fraction of FLOPs kept) must be in (0, 1], got {a.flops}")
+    if not 0 < a.max_sparsity <= 1:
+        raise UsageError(f"--max-sparsity must be in (0, 1], got {a.max_sparsity}")
+    power = None if a.power == "none" else a.power
+    if power not in lpvit.POWER:
+        raise UsageError(f"--power must be none, analytical or measured, got {a.power!r}")
+    if a.allocation not in lpvit.ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(lpvit.ALLOCATIONS)}, got {a.allocation!r}")
+    if a.nsamples < 1 or a.batch_size < 1:
+        raise UsageError(f"--nsamples and --batch-size must be positive, got {a.nsamples} and {a.batch_size}")
+    if a.compress:
+        raise UsageError("--compress stores 2:4 layers; --method lpvit writes masked dense weights (drop --compress)")
+    if not a.calib:
+        raise UsageError("--method lpvit needs --calib (a folder of images, or digits)")
+    if os.path.exists(a.out) and not a.overwrite:
+        raise UsageError(f"--out {a.out} exists (pass --overwrite to replace it)")
+    for path, flag in ((a.masks_out, "--masks-out"), (a.report, "--report")):
+        _check_out_path(path, flag)
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+
+    if not os.path.isdir(a.model):
+        raise UsageError(f"--model {a.model}: no such folder (expected a Hugging Face model folder)")
+    # the images first: bad data fails before the model is loaded
+    calib = load_calibration_images(a.calib, model_dir=a.model, nsamples=a.nsamples, batch_size=a.batch_size,
+                                    seed=a.seed)
+    shape = tuple(calib[0].shape[1:])
+    print(f"calibration: {a.nsamples} images {shape[1]}x{shape[2]}x{shape[0]} from {a.calib} (seed {a.seed}), "
+          f"batches of {a.batch_size}")
+    model = _load_model(a.model, device, dtype)
+    layers = find_layers(model, a.targets, a.exclude)  # ValueError when nothing is prunable
+    bad = [lay for lay in layers if lay.shape[0] % block[0] or lay.shape[1] % block[1]]
+    if bad:
+        listed = ", ".join(f"{lay.name} {lay.shape[0]}x{lay.shape[1]}" for lay in bad[:6])
+        listed += " ..." if len(bad) > 6 else ""
+        names = " ".join(lay.name for lay in bad)
+        keep = " ".join(a.exclude or [])
+        raise UsageError(f"lpvit: block {block[0]}x{block[1]} does not divide {len(bad)} layer(s): {listed}; "
+                         f"leave them dense with --exclude {(keep + ' ' + names).strip()}, or choose another --block")
+    calib = [x.to(device=device, dtype=dtype) for x in calib]
+    t0 = time.perf_counter()
+    try:
+        report = lpvit.prune(model, calib, block=block, flops=a.flops, power=power, max_sparsity=a.max_sparsity,
+                             targets=a.targets, exclude=a.exclude, allocation=a.allocation)
+    except ValueError as e:  # the library's hints name its keyword; the command's is --exclude
+        raise UsageError(str(e).replace("exclude=[...]", "--exclude NAME ...")) from None
+    print(f"pruned {len(report.layers)} layers in {block[0]}x{block[1]} blocks in {time.perf_counter() - t0:.1f} s")
+    print(report.table())
+
+    summary = _lpvit_report_json(report, a, block)
+    meta = {"method": "lpvit", "block": list(block), "flops": a.flops, "kept_flops": report.kept_flops,
+            "power": a.power, "allocation": a.allocation, "max_sparsity": a.max_sparsity, "calib": a.calib,
+            "nsamples": a.nsamples, "seed": a.seed,
+            "sparsity": {r.name: r.sparsity for r in report.layers}}
+    elem_masks = {}
+    for name, bmask in report.masks.items():
+        w = model.get_submodule(name).weight
+        elem_masks[name] = expand(bmask, block).reshape(w.shape)
+    extra = [f for f in ("preprocessor_config.json",) if os.path.isfile(os.path.join(a.model, f))]
+    save_pretrained(model, a.out, tokenizer=_CopyFiles(a.model, extra) if extra else None, compress=False,
+                    masks=elem_masks, metadata=meta, overwrite=a.overwrite)
+    print(f"wrote {a.out} (masked dense weights{', with ' + ', '.join(extra) if extra else ''})")
+    if a.masks_out:
+        save_masks(report.masks, a.masks_out, metadata={**meta, "layers": sorted(report.masks), "kind": "block"})
+        print(f"wrote block masks to {a.masks_out}")
+    if a.report:
+        base, ext = os.path.splitext(a.report)
+        txt = (base if ext.lower() == ".json" else a.report) + ".txt"
+        atomic_write_bytes(a.report, (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write_bytes(txt, (report.table() + "\n").encode())
+        print(f"wrote {a.report} and {txt}")
+    if a.plot:
+        png = a.plot if a.plot.lower().endswith(".png") else os.path.join(a.plot, "lpvit_sparsity.png")
+        report.plot(png)
+        print(f"wrote {png}")
+    return 0
+
+
 # --------------------------------------------------------------------- eval
 def _cmd_eval(a) -> int:
     from .data import eval_tokens, load_text
@@ -286,16 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="prune a Hugging Face model and save it")
     s.add_argument("--model", required=True, help="a local Hugging Face model folder")
-    s.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | maskllm (learned masks)")
+    s.add_argument("--method", required=True,
+                   help="magnitude | wanda | sparsegpt | maskllm (learned masks) | lpvit (block pruning, image models)")
     s.add_argument("--pattern", default="2:4", help="N:M (2:4, 1:4, 4:8) or unstructured:<ratio>")
-    s.add_argument("--calib", default=None, help="text file, folder of text files, or dataset (wikitext2, c4, hf:NAME...)")
+    s.add_argument("--calib", default=None, help="text file, folder of text files, or dataset (wikitext2, c4, "
+                   "hf:NAME...); lpvit: a folder of images or digits (scikit-learn's)")
     s.add_argument("--nsamples", type=int, default=128)
     s.add_argument("--seqlen", type=int, default=2048)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output folder (written only if the run succeeds)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--compress", action="store_true", help="store 2:4 layers compressed (SparseLinear)")
-    s.add_argument("--masks-out", default=None, help="also write the masks (bit-packed safetensors)")
+    s.add_argument("--masks-out", default=None,
+                   help="also write the masks (bit-packed safetensors; lpvit: the block masks)")
     s.add_argument("--targets", nargs="*", default=None, help="module name patterns to prune")
     s.add_argument("--exclude", nargs="*", default=None, help="module name patterns to leave dense")
     s.add_argument("--strict", action="store_true", help="error instead of skipping layers that do not fit the pattern")
@@ -307,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("maskllm (learned masks; --calib is the training text, --nsamples its sequences)")
     g.add_argument("--prior", default="sparsegpt", help="none | magnitude | wanda | sparsegpt | a masks file (transfer)")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (lpvit: images per batch)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate on the logits (cosine to 5e-6)")
     g.add_argument("--tau", default="4,0.05", help="Gumbel temperature START,END")
@@ -326,7 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--metrics", default=None, help="metrics JSONL (default: <checkpoint-dir>/metrics.jsonl)")
     g.add_argument("--task-masks-out", default=None, help="also write the masks compactly (0.67 bits per weight)")
-    g.add_argument("--plot", default=None, help="write PNGs of loss, eval perplexity and changes vs the prior here")
+    g.add_argument("--plot", default=None, help="maskllm: a folder for PNGs of loss, eval perplexity and changes vs "
+                   "the prior; lpvit: a PNG of the per-layer sparsity (FILE.png, or a folder for lpvit_sparsity.png)")
+    g = s.add_argument_group("lpvit (block pruning of image models; --calib is a folder of images or digits, "
+                             "--nsamples the images; also --batch-size, --plot, --targets, --exclude, --masks-out)")
+    g.add_argument("--block", default="32x32", help="block shape ROWSxCOLS (default 32x32)")
+    g.add_argument("--flops", type=float, default=0.5,
+                   help="fraction of the pruned layers' FLOPs kept, in (0, 1] (default 0.5)")
+    g.add_argument("--power", default="none",
+                   help="hardware term: none (default) | analytical | measured (our kernel's time)")
+    g.add_argument("--allocation", default="lpvit",
+                   help="lpvit (default: per layer, by distortion) | uniform (the same sparsity everywhere)")
+    g.add_argument("--max-sparsity", type=float, default=0.95,
+                   help="largest fraction of blocks pruned in any one layer (default 0.95)")
+    g.add_argument("--report", default=None,
+                   help="write the per-layer sparsity as JSON here (FILE.json) and the table next to it (FILE.txt)")
     _add_device_dtype(s)
     s.set_defaults(fn=_cmd_prune)
 

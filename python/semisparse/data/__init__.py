@@ -6,10 +6,24 @@ and the token tensors the pruning methods and metrics take.
   ``download=True``);
 * :func:`calibration_samples` -- ``LongTensor[nsamples, seqlen]`` of non-overlapping random
   windows (seeded);
-* :func:`eval_tokens` -- ``LongTensor[1, T]``, the whole text.
+* :func:`eval_tokens` -- ``LongTensor[1, T]``, the whole text;
+* :func:`load_calibration_images` -- float32 ``[B, C, H, W]`` image batches for image models
+  (a folder of images or ``digits``), preprocessed like the model's inputs.
 """
 
+from .images import IMAGE_DATASETS, IMAGE_EXTENSIONS, find_images, load_calibration_images
 from .samples import calibration_samples, eval_tokens, tokenize
 from .sources import DATASET_ALIASES, load_text, parse_dataset_spec
 
-__all__ = ["DATASET_ALIASES", "calibration_samples", "eval_tokens", "load_text", "parse_dataset_spec", "tokenize"]
+__all__ = [
+    "DATASET_ALIASES",
+    "IMAGE_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "calibration_samples",
+    "eval_tokens",
+    "find_images",
+    "load_calibration_images",
+    "load_text",
+    "parse_dataset_spec",
+    "tokenize",
+]

@@ -1,14 +1,16 @@
-"""LPViT: hardware-aware block pruning for vision transformers (issue 5, in progress).
+"""LPViT: hardware-aware block pruning for vision transformers.
 
-Done: the allocation math (block scores, distortion curves, bisection on the shared slope,
-the analytical power term), ``prune`` (masks applied by zeroing the pruned blocks, or
-``swap=True``: Linear layers replaced by BlockSparseLinear), the report table and PNG
-chart. The hardware term: analytical or measured (our kernel's time per layer shape).
-Next: fine-tuning through ``semisparse.train`` and the CLI."""
+``prune``: label-free calibration gradient -> block scores -> per-layer distortion curves
+(101 levels) -> rate-distortion allocation (bisection on the shared slope, optional
+analytical or measured hardware term) -> masks applied (pruned blocks zeroed, or
+``swap=True``: Linear layers replaced by BlockSparseLinear) -> a report (table, PNG chart).
+``finetune``: training with the masks fixed through :mod:`semisparse.train`, with optional
+distillation from the dense model."""
 
 from .allocation import LEVELS, Allocation, LayerCurve, allocate, block_scores, distortion_curve
 from .cost import MEASURED_LEVELS, measured_cost
 from .calibrate import PrunableLayer, calibration_gradients, find_layers, layer_flops
+from .finetune import distillation_loss, finetune
 from .prune import ALLOCATIONS, POWER, LayerReport, LPViTReport, mask_gradients, prune, reapply_masks
 
 __all__ = [
@@ -24,7 +26,9 @@ __all__ = [
     "allocate",
     "block_scores",
     "calibration_gradients",
+    "distillation_loss",
     "distortion_curve",
+    "finetune",
     "find_layers",
     "layer_flops",
     "mask_gradients",

@@ -186,19 +186,20 @@ def allocate(curves: list[LayerCurve], flops: float, *, per_flop: bool = True, t
         if hi - lo < 1e-15 * max(1.0, abs(hi)):
             break
     # the bisection lands on the smallest slope whose allocation keeps <= the target; where
-    # plateaus made several layers jump at once, give levels back (the most costly marginal
-    # first) while the target still holds
-    sp = list(best)
-    step = 1.0 / (levels - 1)
+    # plateaus made several layers jump at once, or whole blocks overshoot, give blocks back
+    # one at a time (the layer with the most costly marginal first, among those whose next
+    # block still fits under the target) while the target still holds
+    sp = [c.realised(s) for c, s in zip(curves, best)]
+    units = [1.0 / c.nblocks if c.nblocks else 1.0 / (levels - 1) for c in curves]
     while kept(sp) < flops - tol:
         cand = sorted(
-            (i for i, x in enumerate(sp) if x > 0),
-            key=lambda i: -float(marginal[i][int(round(sp[i] / step))]),
+            (i for i, x in enumerate(sp) if x > 1e-12),
+            key=lambda i: -float(marginal[i][min(levels - 1, int(round(sp[i] * (levels - 1))))]),
         )
         moved = False
         for i in cand:
             trial = list(sp)
-            trial[i] = max(0.0, sp[i] - step)
+            trial[i] = max(0.0, sp[i] - units[i])
             if kept(trial) <= flops + 1e-12:
                 sp, moved = trial, True
                 break

@@ -97,6 +97,7 @@ def calibration_gradients(model: nn.Module, layers: list[PrunableLayer], calib: 
     was_training = model.training
     model.eval()
     n = 0
+    reached = set()  # layers whose weight got a gradient: they reach the calibration output
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -108,7 +109,9 @@ def calibration_gradients(model: nn.Module, layers: list[PrunableLayer], calib: 
             out = _output_tensor(model(*args, **kwargs))
             out.float().pow(2).mean().backward()
             for lay in layers:
-                grads[lay.name] += lay.module.weight.grad.float()
+                if lay.module.weight.grad is not None:
+                    grads[lay.name] += lay.module.weight.grad.float()
+                    reached.add(lay.name)
                 lay.module.weight.grad = None
             n += 1
     finally:
@@ -120,6 +123,14 @@ def calibration_gradients(model: nn.Module, layers: list[PrunableLayer], calib: 
         model.train(was_training)
     if n == 0:
         raise ValueError("lpvit: the calibration data is empty")
+    unreached = [lay.name for lay in layers if lay.name not in reached]
+    if unreached:  # e.g. a Hugging Face base model's pooler: the output used is last_hidden_state
+        raise ValueError(
+            f"lpvit: {len(unreached)} layer(s) do not reach the model output that calibration uses "
+            f"(logits, else last_hidden_state, else the first output), so they have no gradient to score "
+            f"their blocks: {', '.join(unreached[:6])}{' ...' if len(unreached) > 6 else ''}; "
+            f"exclude them (exclude=[...])"
+        )
     return {k: v / n for k, v in grads.items()}, {k: v / n for k, v in flops.items()}
 
 

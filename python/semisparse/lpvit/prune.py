@@ -216,6 +216,8 @@ def mask_gradients(model: nn.Module, report: LPViTReport) -> list:
     handles = []
     for name, bmask in report.masks.items():
         w = model.get_submodule(name).weight
+        if not w.requires_grad:  # frozen: nothing will move it
+            continue
         m = expand(bmask, report.block).to(w.device).reshape(w.shape)
         handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
     return handles
