@@ -13,59 +13,21 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include "blocksparse/block_attention_cpu.h"
-#include "common/cpu_features.h"
+#include "common/isa_dispatch.h"
+#include "common/stable_tensor.h"
 
 namespace semisparse::blockattn {
 
-void forward(const Problem& p) {
-  if (p.dt == DType::F64) return forward_generic_f64(p);
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-  const CpuIsa isa = active_cpu_isa();
-  if (isa == CpuIsa::Avx512Bf16) return forward_avx512(p);
-  if (isa == CpuIsa::Avx2Fma) return forward_avx2(p);
-#endif
-  forward_generic_f32(p);
-}
-
-void backward(const Problem& p) {
-  if (p.dt == DType::F64) return backward_generic_f64(p);
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-  const CpuIsa isa = active_cpu_isa();
-  if (isa == CpuIsa::Avx512Bf16) return backward_avx512(p);
-  if (isa == CpuIsa::Avx2Fma) return backward_avx2(p);
-#endif
-  backward_generic_f32(p);
-}
+void forward(const Problem& p) { SEMISPARSE_RUN_ON_ACTIVE_ISA(forward, p, p.dt == DType::F64); }
+void backward(const Problem& p) { SEMISPARSE_RUN_ON_ACTIVE_ISA(backward, p, p.dt == DType::F64); }
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
-
-std::string shape_str(const Tensor& t) {
-  std::string s = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (d) s += ", ";
-    s += std::to_string(t.size(d));
-  }
-  if (t.dim() == 1) s += ",";
-  return s + ")";
-}
-
-DType to_dtype(const Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::F32;
-    case ScalarType::BFloat16: return DType::BF16;
-    case ScalarType::Half: return DType::F16;
-    case ScalarType::Double: return DType::F64;
-    default:
-      STD_TORCH_CHECK(false, op, ": q must be float32/bfloat16/float16/float64, got ",
-                      torch::headeronly::toString(t.scalar_type()));
-  }
-  return DType::F32;
-}
+using common::contig;
+using common::shape_str;
 
 Problem check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
               int64_t block_q, int64_t block_k, double scale, bool causal) {
@@ -75,7 +37,7 @@ Problem check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
   STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && mask.is_cpu(), op,
                   ": all tensors must be CPU tensors for this kernel");
   Problem p{};
-  p.dt = to_dtype(q, op);
+  p.dt = common::dtype_of<DType>(q, op, ": q must be float32/bfloat16/float16/float64, got ");
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
                   ": q, k and v must have the same dtype");
   p.B = q.size(0);

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/isa_dispatch.h"
 #include "sparse24/sparse24_cpu.h"  // DType, bf16/fp16 <-> fp32 helpers
 
 namespace semisparse::blockattn {
@@ -27,15 +28,9 @@ struct Problem {
 void forward(const Problem& p);   // dispatches on dtype and active_cpu_isa()
 void backward(const Problem& p);
 
-void forward_generic_f32(const Problem& p);
-void backward_generic_f32(const Problem& p);
-void forward_generic_f64(const Problem& p);
-void backward_generic_f64(const Problem& p);
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-void forward_avx2(const Problem& p);
-void backward_avx2(const Problem& p);
-void forward_avx512(const Problem& p);
-void backward_avx512(const Problem& p);
-#endif
+// forward_generic_f32/_f64, backward_generic_f32/_f64 and (x86) forward_avx2/_avx512,
+// backward_avx2/_avx512
+SEMISPARSE_DECLARE_ISA_KERNELS(forward, Problem);
+SEMISPARSE_DECLARE_ISA_KERNELS(backward, Problem);
 
 }  // namespace semisparse::blockattn

@@ -14,6 +14,7 @@
 
 #include "blocksparse/bsr_linear_cpu.h"
 #include "common/parallel.h"
+#include "common/stable_tensor.h"
 #include "sparse24/sparse24_checks.h"
 #include "sparse24/sparse24_cpu.h"
 
@@ -24,7 +25,7 @@ using sparse24::DType;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+using common::contig;
 
 void check_cpu(const Tensor& t, const char* op, const char* what) {
   STD_TORCH_CHECK(t.is_cpu(), "semisparse::", op, ": ", what, " must be a CPU tensor for this kernel");
@@ -34,6 +35,33 @@ void check_same_dtype(const Tensor& a, const Tensor& b, const char* op, const ch
   STD_TORCH_CHECK(a.scalar_type() == b.scalar_type(), "semisparse::", op, ": ", an, " has dtype ",
                   torch::headeronly::toString(a.scalar_type()), " but ", bn, " has ",
                   torch::headeronly::toString(b.scalar_type()));
+}
+
+// The dense operand a (named an) and the block values [nnz, bh, bw] of linear / grad_input:
+// both CPU tensors of one dtype, values 3-D with a non-empty block shape.
+struct Blocks {
+  DType dt;
+  int64_t nnz, bh, bw;
+};
+
+Blocks check_values(const Tensor& a, const Tensor& values, const char* op, const char* an) {
+  check_cpu(a, op, an);
+  check_cpu(values, op, "values");
+  STD_TORCH_CHECK(values.dim() == 3, "semisparse::", op, ": values must be 3-D [nnz, bh, bw], got ",
+                  values.dim(), " dims");
+  const DType dt = sparse24::to_dtype(values, "values");
+  check_same_dtype(a, values, op, an, "values");
+  const Blocks b{dt, values.size(0), values.size(1), values.size(2)};
+  STD_TORCH_CHECK(b.bh > 0 && b.bw > 0, "semisparse::", op, ": empty block shape");
+  return b;
+}
+
+// t's sizes with the last one replaced by last.
+std::vector<int64_t> sizes_with_last(const Tensor& t, int64_t last) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) s.push_back(t.size(d));
+  s.push_back(last);
+  return s;
 }
 
 // crow [nbr + 1], col [nnz]: int64, 1-D; crow from 0 to nnz, non-decreasing; col in [0, nbc).
@@ -91,6 +119,19 @@ std::vector<int64_t> block_rows(const int64_t* crow, int64_t nbr, int64_t nnz) {
   return rows;
 }
 
+// A problem of op on the block index (crow, col) and the given sizes; the caller sets its
+// operands (a, b, bias, rows, ccol, cblk) and run_into() its output.
+Problem make_problem(Op op, DType dt, const int64_t* crow, const int64_t* col, int64_t M, int64_t N, int64_t K,
+                     int64_t nnz, int64_t bh, int64_t bw) {
+  Problem p{};
+  p.op = op;
+  p.crow = crow;
+  p.col = col;
+  p.M = M; p.N = N; p.K = K; p.nnz = nnz; p.bh = bh; p.bw = bw;
+  p.f64 = dt == DType::F64;
+  return p;
+}
+
 // Runs p with out either written directly (fp32/fp64) or staged through fp32.
 void run_into(Problem& p, Tensor& out, DType dt) {
   if (dt == DType::F32 || dt == DType::F64) {
@@ -106,14 +147,7 @@ void run_into(Problem& p, Tensor& out, DType dt) {
 
 Tensor linear_cpu(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t N, std::optional<Tensor> bias) {
   const char* op = "bsr_linear";
-  check_cpu(x, op, "x");
-  check_cpu(values, op, "values");
-  STD_TORCH_CHECK(values.dim() == 3, "semisparse::", op, ": values must be 3-D [nnz, bh, bw], got ",
-                  values.dim(), " dims");
-  const DType dt = sparse24::to_dtype(values, "values");
-  check_same_dtype(x, values, op, "x", "values");
-  const int64_t nnz = values.size(0), bh = values.size(1), bw = values.size(2);
-  STD_TORCH_CHECK(bh > 0 && bw > 0, "semisparse::", op, ": empty block shape");
+  const auto [dt, nnz, bh, bw] = check_values(x, values, op, "x");
   STD_TORCH_CHECK(N >= 0 && N % bh == 0, "semisparse::", op, ": out_features=", N,
                   " is not a multiple of the block height ", bh);
   STD_TORCH_CHECK(x.dim() >= 1, "semisparse::", op, ": x must have at least 1 dim");
@@ -133,36 +167,21 @@ Tensor linear_cpu(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t N, s
   const int64_t* crp = static_cast<const int64_t*>(cc.const_data_ptr());
   const int64_t* clp = static_cast<const int64_t*>(lc.const_data_ptr());
   check_index_values(crp, clp, nbr, nbc, nnz, op);
-  std::vector<int64_t> out_sizes;
-  for (int64_t d = 0; d + 1 < xc.dim(); ++d) out_sizes.push_back(xc.size(d));
-  out_sizes.push_back(N);
-  Tensor y = torch::stable::new_empty(xc, out_sizes);
+  Tensor y = torch::stable::new_empty(xc, sizes_with_last(xc, N));
   const int64_t M = K == 0 ? 1 : xc.numel() / K;
   if (y.numel() == 0) return y;
   std::vector<float> xb, vb, bb;
-  Problem p{};
-  p.op = Op::Forward;
+  Problem p = make_problem(Op::Forward, dt, crp, clp, M, N, K, nnz, bh, bw);
   p.a = as_compute(xc, dt, xb);
   p.b = as_compute(vc, dt, vb);
   p.bias = bc ? as_compute(*bc, dt, bb) : nullptr;
-  p.crow = crp;
-  p.col = clp;
-  p.M = M; p.N = N; p.K = K; p.nnz = nnz; p.bh = bh; p.bw = bw;
-  p.f64 = dt == DType::F64;
   run_into(p, y, dt);
   return y;
 }
 
 Tensor grad_input_cpu(Tensor gy, Tensor values, Tensor crow, Tensor col, int64_t K) {
   const char* op = "bsr_linear_grad_input";
-  check_cpu(gy, op, "grad_y");
-  check_cpu(values, op, "values");
-  STD_TORCH_CHECK(values.dim() == 3, "semisparse::", op, ": values must be 3-D [nnz, bh, bw], got ",
-                  values.dim(), " dims");
-  const DType dt = sparse24::to_dtype(values, "values");
-  check_same_dtype(gy, values, op, "grad_y", "values");
-  const int64_t nnz = values.size(0), bh = values.size(1), bw = values.size(2);
-  STD_TORCH_CHECK(bh > 0 && bw > 0, "semisparse::", op, ": empty block shape");
+  const auto [dt, nnz, bh, bw] = check_values(gy, values, op, "grad_y");
   STD_TORCH_CHECK(gy.dim() >= 1, "semisparse::", op, ": grad_y must have at least 1 dim");
   const int64_t N = gy.size(gy.dim() - 1);
   STD_TORCH_CHECK(N % bh == 0, "semisparse::", op, ": grad_y must end in N features, a multiple of the block height ",
@@ -175,10 +194,7 @@ Tensor grad_input_cpu(Tensor gy, Tensor values, Tensor crow, Tensor col, int64_t
   const int64_t* crp = static_cast<const int64_t*>(cc.const_data_ptr());
   const int64_t* clp = static_cast<const int64_t*>(lc.const_data_ptr());
   check_index_values(crp, clp, nbr, nbc, nnz, op);
-  std::vector<int64_t> out_sizes;
-  for (int64_t d = 0; d + 1 < gc.dim(); ++d) out_sizes.push_back(gc.size(d));
-  out_sizes.push_back(K);
-  Tensor gx = torch::stable::new_empty(gc, out_sizes);
+  Tensor gx = torch::stable::new_empty(gc, sizes_with_last(gc, K));
   if (gx.numel() == 0) return gx;
   const int64_t M = gx.numel() / K;
   // CSC lists: the blocks of every block column, in block-row order
@@ -191,17 +207,12 @@ Tensor grad_input_cpu(Tensor gy, Tensor values, Tensor crow, Tensor col, int64_t
     for (int64_t b = 0; b < nnz; ++b) cblk[fill[clp[b]]++] = b;
   }
   std::vector<float> gb, vb;
-  Problem p{};
-  p.op = Op::GradInput;
+  Problem p = make_problem(Op::GradInput, dt, crp, clp, M, N, K, nnz, bh, bw);
   p.a = as_compute(gc, dt, gb);
   p.b = as_compute(vc, dt, vb);
-  p.crow = crp;
-  p.col = clp;
   p.rows = rows.data();
   p.ccol = ccol.data();
   p.cblk = cblk.data();
-  p.M = M; p.N = N; p.K = K; p.nnz = nnz; p.bh = bh; p.bw = bw;
-  p.f64 = dt == DType::F64;
   run_into(p, gx, dt);
   return gx;
 }
@@ -238,15 +249,10 @@ Tensor grad_values_cpu(Tensor gy, Tensor x, Tensor crow, Tensor col, int64_t bh,
   }
   std::vector<int64_t> rows = block_rows(crp, nbr, nnz);
   std::vector<float> gb, xb;
-  Problem p{};
-  p.op = Op::GradValues;
+  Problem p = make_problem(Op::GradValues, dt, crp, clp, M, N, K, nnz, bh, bw);
   p.a = as_compute(gc, dt, gb);
   p.b = as_compute(xc, dt, xb);
-  p.crow = crp;
-  p.col = clp;
   p.rows = rows.data();
-  p.M = M; p.N = N; p.K = K; p.nnz = nnz; p.bh = bh; p.bw = bw;
-  p.f64 = dt == DType::F64;
   run_into(p, gv, dt);
   return gv;
 }

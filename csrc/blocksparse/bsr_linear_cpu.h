@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "common/isa_dispatch.h"
+
 namespace semisparse::bsr {
 
 enum class Op : int {
@@ -33,11 +35,7 @@ struct Problem {
 // Runs p on the path active_cpu_isa() selects (f64 -> generic).
 void run(const Problem& p);
 
-void run_generic_f32(const Problem& p);
-void run_generic_f64(const Problem& p);
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-void run_avx2(const Problem& p);
-void run_avx512(const Problem& p);
-#endif
+// run_generic_f32, run_generic_f64 and (x86) run_avx2, run_avx512
+SEMISPARSE_DECLARE_ISA_KERNELS(run, Problem);
 
 }  // namespace semisparse::bsr

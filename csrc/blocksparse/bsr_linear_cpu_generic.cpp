@@ -1,7 +1,7 @@
 // Generic (portable C++) BSR linear kernels: fp32 and fp64 on a scalar "vector" of width 1
 // (used when no SIMD path is active, and for fp64 always), and the run-time dispatch.
 #include "blocksparse/bsr_linear_cpu.h"
-#include "common/cpu_features.h"
+#include "common/isa_dispatch.h"
 
 #define BSR_KERNEL_NS k_generic
 #include "blocksparse/bsr_linear_kernel.h"
@@ -28,23 +28,6 @@ struct VScalar {
 void run_generic_f32(const Problem& p) { k_generic::run<VScalar<float>>(p); }
 void run_generic_f64(const Problem& p) { k_generic::run<VScalar<double>>(p); }
 
-void run(const Problem& p) {
-  if (p.f64) {
-    run_generic_f64(p);
-    return;
-  }
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-  const CpuIsa isa = active_cpu_isa();
-  if (isa == CpuIsa::Avx512Bf16) {
-    run_avx512(p);
-    return;
-  }
-  if (isa == CpuIsa::Avx2Fma) {
-    run_avx2(p);
-    return;
-  }
-#endif
-  run_generic_f32(p);
-}
+void run(const Problem& p) { SEMISPARSE_RUN_ON_ACTIVE_ISA(run, p, p.f64); }
 
 }  // namespace semisparse::bsr

@@ -15,6 +15,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "common/stable_tensor.h"
 #include "gumbel/gumbel_cpu.h"
 
 namespace semisparse::gumbel {
@@ -23,7 +24,8 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+using common::contig;
+using common::shape_str;
 
 // A fresh output of tens of MiB costs one page fault per 4 KiB when the kernel first writes
 // it (~45 ms per 64 MiB measured on the benchmark VM: as long as the kernel itself). Ask for
@@ -43,32 +45,13 @@ void advise_huge(const Tensor& t) {
 }
 
 DType to_dtype(const Tensor& t, const char* op, const char* what) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::F32;
-    case ScalarType::BFloat16: return DType::BF16;
-    case ScalarType::Half: return DType::F16;
-    case ScalarType::Double: return DType::F64;
-    default:
-      STD_TORCH_CHECK(false, op, ": ", what, " must be float32/bfloat16/float16/float64, got ",
-                      torch::headeronly::toString(t.scalar_type()));
-  }
-  return DType::F32;
+  return common::dtype_of<DType>(t, op, ": ", what, " must be float32/bfloat16/float16/float64, got ");
 }
 
 std::vector<int64_t> sizes_of(const Tensor& t) {
   std::vector<int64_t> s;
   for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
   return s;
-}
-
-std::string shape_str(const Tensor& t) {
-  std::string s = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (d) s += ", ";
-    s += std::to_string(t.size(d));
-  }
-  if (t.dim() == 1) s += ",";
-  return s + ")";
 }
 
 // Checks the scalar arguments and logits; returns a Problem with patterns filled.
@@ -115,19 +98,25 @@ void check_grad(const char* op, const Tensor& g, const std::vector<int64_t>& sha
   p.gt = to_dtype(g, op, "the gradient");
 }
 
+// Runs p (inputs set) as op into a fresh output of the given sizes with like's device and
+// dtype (ot is that dtype, as the kernels name it).
+Tensor run_new(Problem& p, Op op, const Tensor& like, DType ot, const std::vector<int64_t>& sizes) {
+  Tensor out = torch::stable::new_empty(like, sizes);
+  advise_huge(out);
+  p.op = op;
+  p.out = out.mutable_data_ptr();
+  p.ot = ot;
+  run(p);
+  return out;
+}
+
 Tensor mask_cpu(Tensor logits, int64_t seed, int64_t offset, double tau, double kappa, int64_t n, int64_t m,
                 bool hard) {
   Problem p = common("gumbel_nm_mask", logits, seed, offset, tau, kappa, n, m);
   Tensor lc = contig(logits);
-  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.m)});
-  advise_huge(out);
-  p.op = Op::Mask;
   p.hard = hard;
   p.logits = lc.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.ot = p.lt;
-  run(p);
-  return out;
+  return run_new(p, Op::Mask, lc, p.lt, {p.G, int64_t(p.m)});
 }
 
 Tensor masked_weight_cpu(Tensor weight, Tensor logits, int64_t seed, int64_t offset, double tau, double kappa,
@@ -137,16 +126,10 @@ Tensor masked_weight_cpu(Tensor weight, Tensor logits, int64_t seed, int64_t off
   check_weight(op, weight, logits, p);
   Tensor lc = contig(logits);
   Tensor wc = contig(weight);
-  Tensor out = torch::stable::new_empty(wc, sizes_of(weight));
-  advise_huge(out);
-  p.op = Op::MaskedWeight;
   p.hard = hard;
   p.logits = lc.const_data_ptr();
   p.weight = wc.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.ot = p.wt;
-  run(p);
-  return out;
+  return run_new(p, Op::MaskedWeight, wc, p.wt, sizes_of(weight));
 }
 
 Tensor mask_backward_cpu(Tensor grad_mask, Tensor logits, int64_t seed, int64_t offset, double tau, double kappa,
@@ -156,15 +139,9 @@ Tensor mask_backward_cpu(Tensor grad_mask, Tensor logits, int64_t seed, int64_t 
   check_grad(op, grad_mask, {p.G, int64_t(p.m)}, p);
   Tensor lc = contig(logits);
   Tensor gc = contig(grad_mask);
-  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.C)});
-  advise_huge(out);
-  p.op = Op::MaskBackward;
   p.logits = lc.const_data_ptr();
   p.grad = gc.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.ot = p.lt;
-  run(p);
-  return out;
+  return run_new(p, Op::MaskBackward, lc, p.lt, {p.G, int64_t(p.C)});
 }
 
 Tensor masked_weight_backward_cpu(Tensor grad_out, Tensor weight, Tensor logits, int64_t seed, int64_t offset,
@@ -176,16 +153,10 @@ Tensor masked_weight_backward_cpu(Tensor grad_out, Tensor weight, Tensor logits,
   Tensor lc = contig(logits);
   Tensor wc = contig(weight);
   Tensor gc = contig(grad_out);
-  Tensor out = torch::stable::new_empty(lc, {p.G, int64_t(p.C)});
-  advise_huge(out);
-  p.op = Op::MaskedWeightBackward;
   p.logits = lc.const_data_ptr();
   p.weight = wc.const_data_ptr();
   p.grad = gc.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.ot = p.lt;
-  run(p);
-  return out;
+  return run_new(p, Op::MaskedWeightBackward, lc, p.lt, {p.G, int64_t(p.C)});
 }
 
 }  // namespace

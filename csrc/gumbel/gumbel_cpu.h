@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/isa_dispatch.h"
 #include "sparse24/sparse24_cpu.h"  // DType, bf16/fp16 <-> fp32 helpers
 
 namespace semisparse::gumbel {
@@ -41,12 +42,8 @@ void fill_patterns(Problem& p);
 // Runs p on the path active_cpu_isa() selects (fp64 anywhere -> generic fp64 kernel).
 void run(const Problem& p);
 
-void run_generic_f32(const Problem& p);
-void run_generic_f64(const Problem& p);
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-void run_avx2(const Problem& p);
-void run_avx512(const Problem& p);
-#endif
+// run_generic_f32, run_generic_f64 and (x86) run_avx2, run_avx512
+SEMISPARSE_DECLARE_ISA_KERNELS(run, Problem);
 
 // Philox4x32-10 (Salmon et al., SC'11), one block: ctr[4] in, out[4] out.
 inline void philox4x32_10(const uint32_t ctr[4], uint32_t k0, uint32_t k1, uint32_t out[4]) {

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "common/cpu_features.h"
+#include "common/isa_dispatch.h"
 #include "common/parallel.h"
 #include "gumbel/gumbel_cpu.h"
 
@@ -168,22 +168,7 @@ void run_generic_f64(const Problem& p) {
 void run(const Problem& p) {
   const bool f64 = p.lt == DType::F64 || p.ot == DType::F64 || (p.weight && p.wt == DType::F64) ||
                    (p.grad && p.gt == DType::F64);
-  if (f64) {
-    run_generic_f64(p);
-    return;
-  }
-#if defined(SEMISPARSE_HAVE_AVX2_TU)
-  const CpuIsa isa = active_cpu_isa();
-  if (isa == CpuIsa::Avx512Bf16) {
-    run_avx512(p);
-    return;
-  }
-  if (isa == CpuIsa::Avx2Fma) {
-    run_avx2(p);
-    return;
-  }
-#endif
-  run_generic_f32(p);
+  SEMISPARSE_RUN_ON_ACTIVE_ISA(run, p, f64);
 }
 
 }  // namespace semisparse::gumbel

@@ -6,22 +6,13 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "common/stable_tensor.h"
 #include "sparse24/sparse24_cpu.h"
 
 namespace semisparse::sparse24 {
 
 inline DType to_dtype(const torch::stable::Tensor& t, const char* what) {
-  using torch::headeronly::ScalarType;
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return DType::F32;
-    case ScalarType::BFloat16: return DType::BF16;
-    case ScalarType::Half: return DType::F16;
-    case ScalarType::Double: return DType::F64;
-    default:
-      STD_TORCH_CHECK(false, "semisparse: ", what, " must be float32, bfloat16, float16 (or float64), got ",
-                      torch::headeronly::toString(t.scalar_type()));
-  }
-  return DType::F32;
+  return common::dtype_of<DType>(t, "semisparse: ", what, " must be float32, bfloat16, float16 (or float64), got ");
 }
 
 inline int64_t meta_cols_for(int64_t K) { return (K + 7) / 8; }
