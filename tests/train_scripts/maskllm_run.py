@@ -79,6 +79,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     run(a.out, strategy=a.strategy, steps=a.steps, kill_after=a.kill_after, prior=a.prior, grad_accum=a.grad_accum)
+    # results written and closed: leave without interpreter finalization (see run.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class DistContext:
         meets at a barrier, so no rank tears gloo/nccl down while another still has a
         collective in flight (an early teardown can abort the other process)."""
         if self.created_group and dist.is_initialized():
+            # free collectives' Work objects kept alive by cycles (DDP's reducer) while the
+            # group exists: destroying them later, during interpreter finalization, can abort
+            gc.collect()
             if clean and self.enabled:
                 dist.barrier()
             dist.destroy_process_group()
