@@ -150,6 +150,10 @@ def test_merge_exact_and_unmerge_roundtrip(layer_case):
         layer.forward_mode = "auto"
         assert not torch.allclose(fused, base(x))
         torch.testing.assert_close(delta, fused, rtol=1e-5, atol=1e-5)
+        if layer._can_factor():
+            layer.forward_mode = "factored"
+            torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)
+            layer.forward_mode = "auto"
         layer.merge()
         assert layer.merged
         merged = layer(x)
@@ -160,6 +164,47 @@ def test_merge_exact_and_unmerge_roundtrip(layer_case):
     torch.testing.assert_close(base.weight.detach(), w0, rtol=0, atol=1e-6)
     if name == "embedding_pad":
         torch.testing.assert_close(fused[0, 1], w0[3])  # the pad row stays the base's
+
+
+def test_paths_agree_in_value_and_gradient(layer_case):
+    """The fused, delta and factored paths (factored: dW never formed; for Embedding the
+    selected rows gathered from the factors) give the same output and the same gradients
+    for every adapter tensor."""
+    name, base, ranks, x = layer_case
+    layer = make_layer(base, ranks, scale=1.5)
+    randomize(layer)
+    params = [layer.flora_core["default"], *layer.flora_factors["default"]]
+    w = torch.randn_like(layer(x).float())
+
+    def run(mode):
+        layer.forward_mode = mode
+        for p in params:
+            p.grad = None
+        out = layer(x)
+        (out.float() * w).sum().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    ref_out, ref_grads = run("fused")
+    modes = ["auto"] if isinstance(base, nn.Embedding) else ["delta"] + (["factored"] if layer._can_factor() else [])
+    for mode in modes:
+        out, grads = run(mode)
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5, msg=mode)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=mode)
+    if not isinstance(base, nn.Embedding) and not layer._can_factor():  # grouped / depthwise conv
+        layer.forward_mode = "factored"
+        with pytest.raises(ValueError, match="forward_mode='factored' needs an ungrouped"):
+            layer(x)
+
+
+def test_auto_mode_choice():
+    layer = make_layer(nn.Conv2d(8, 8, 3, padding=1), (4, 4, 2, 2))
+    grouped = make_layer(nn.Conv2d(8, 8, 3, padding=1, groups=2), (4, 2, 2, 2))
+    names = ["default"]
+    assert layer._auto_mode(names, dropping=False) == "fused"
+    assert layer._auto_mode(names, dropping=True) == "factored"
+    assert grouped._auto_mode(names, dropping=False) == "fused"
+    assert grouped._auto_mode(names, dropping=True) == "delta"
 
 
 def test_dropout_uses_delta_path_and_fused_rejects_it():
@@ -499,7 +544,7 @@ def test_save_load_roundtrip(tmp_path):
     perturb(fm)
     with torch.no_grad():
         fm.base_model.lm_head.modules_to_save["default"].weight.mul_(1.1)
-    out = fm(IDS).detach()
+        out = fm(IDS)
     fm.save_pretrained(tmp_path / "ad")
     files = sorted(os.listdir(tmp_path / "ad"))
     assert files == [CONFIG_NAME, WEIGHTS_NAME]

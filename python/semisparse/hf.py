@@ -39,7 +39,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_write_bytes, load_tensors, save_tensors
+from .io import atomic_write_bytes, load_tensors, make_temp_dir, save_tensors
 from .masks import _as_bool, _merge_metadata, save_masks
 from .nn import SparseLinear
 
@@ -109,12 +108,6 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     return {k: list(dict.fromkeys(v)) for k, v in owners.items()}
 
 
-def _umask() -> int:
-    um = os.umask(0)
-    os.umask(um)
-    return um
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
@@ -154,9 +147,8 @@ def _atomic_dir(out_dir: Path, overwrite: bool, where: str):
     failure remove it and leave ``out_dir`` as it was."""
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(parent, out_dir.name)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
         _fsync_tree(tmp)
         _check_out_dir(out_dir, overwrite, where)  # again: it may have appeared meanwhile

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 
-__all__ = ["atomic_write_bytes", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write_bytes", "make_temp_dir", "save_tensors", "load_tensors"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -47,6 +47,14 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A hidden temporary folder in ``parent`` (to be renamed onto ``parent/name`` once
+    complete), with the usual folder mode (mkdtemp makes 0700)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 __all__ = ["FORWARD_MODES", "INITS", "FLoRAConfig", "resolve_ranks"]
 
 INITS = ("zero-core",)
-FORWARD_MODES = ("auto", "fused", "delta")
+FORWARD_MODES = ("auto", "fused", "delta", "factored")
 
 # ranks: an int (every mode), a float fraction of each dimension, or a tuple with one entry
 # (int or float) per mode of the target's weight.
@@ -100,7 +100,7 @@ class FLoRAConfig:
       name as the regex ``(^|.*\\.)key$`` (suffix at a dot boundary), or, when it starts
       with ``^``, as a regex from the start of the name; the first matching key wins.
     - ``init``: ``"zero-core"`` (core = 0, factors ``kaiming_normal_(a=sqrt(3))``, so dW = 0).
-    - ``forward_mode``: ``"auto"`` (fused unless dropout is active), ``"fused"`` or ``"delta"``.
+    - ``forward_mode``: ``"auto"`` (see :mod:`semisparse.flora.layers`), ``"fused"``, ``"delta"`` or ``"factored"``.
     """
 
     ranks: object = 8

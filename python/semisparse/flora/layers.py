@@ -21,33 +21,31 @@ Init ("zero-core"): G = 0 and every factor ``nn.init.kaiming_normal_(A, a=sqrt(3
 dW = 0 at the start; at init only the core gets a gradient (the factors' gradient is a
 product with G = 0).
 
-dW is rebuilt once per forward by a chain of ``tensordot`` mode products (parameter-sized,
-cheap), then used one of two ways:
+Three ways to run an adapter:
 
-- "fused": ``op(x, W + dW, bias)``, one conv/matmul. Only valid without active dropout.
-- "delta": ``base(x) + op(dropout(x), dW)``; needed when dropout is active in training.
+- "fused": ``op(x, W + dW, bias)``, one conv/matmul, dW rebuilt per forward by a chain of
+  ``tensordot`` mode products (parameter-sized, ~0.3 ms for a 3x3 64->64 conv). Only
+  valid without active dropout.
+- "factored" (ungrouped Linear/Conv): ``base(x) + adapter(dropout(x))`` where the adapter
+  never forms dW: Linear ``((x A_2) G^T) A_1^T``; ConvNd a 1x1 conv by ``A_in^T``
+  (in -> r_in), the core kernel ``G x_3 A_3 ... x_N A_N`` (r_out x r_in x k...) with the
+  base's stride, padding (mode), dilation, then a 1x1 conv by ``A_out`` (r_out -> out).
+- "delta": ``base(x) + op(dropout(x), dW)``: a second full-size op on the dropped input.
 
-``forward_mode="auto"`` (the default) takes "fused" unless an active adapter has dropout > 0
-and the module is training (then "delta"). Measured on the 2-core CPU dev machine (torch
-2.13, fp32, 2 threads; the machine was shared, load average ~4, so these are the best of
-two runs of 15-31 interleaved repetitions, minimum time per call):
+``forward_mode="auto"`` (the default): "fused" unless an active adapter has dropout > 0 and
+the module is training; then "factored" where the layer allows it (groups == 1), else
+"delta" (grouped/depthwise convs, whose weights are small). Embedding: the rows x selects
+are gathered from the factors (``A_1[x] G A_2^T``) unless ``max_norm`` is set (then fused).
 
-==========================================  =============  =============
-shape                                       fused          delta
-==========================================  =============  =============
-Conv2d 3x3 64->64, 32x32, batch 8,          train 25.9 ms  train 37.9 ms
-ranks (16, 16, 3, 3)                        infer 12.0 ms  infer 24.2 ms
-Linear 768x768, M = 512, ranks (16, 16)     train 17.6 ms  train 25.3 ms
-                                            infer  8.4 ms  infer 16.1 ms
-==========================================  =============  =============
-
-(train = forward + backward of the adapted layer, base frozen; infer = forward under
-``torch.no_grad``.) Rebuilding dW costs ~0.3 ms for the conv above. Fused runs one
-conv/matmul forward and two backward (input and weight gradients); delta runs two forward
-and three backward, so fused is ~1.4-1.5x faster to train and ~2x faster at inference.
-Delta is used only where it is needed: dropout on the adapter input. (The script is not in
-the repository: it times ``layer(x).sum().backward()`` and ``layer(x)`` with
-``forward_mode`` set to each value, round robin.)
+Measured (``bench/flora_speed.py``, 2 threads, whole training steps of a 4-conv net and a
+4-layer BERT against PEFT LoRA at equal trainable parameters; docs/BENCHMARKS.md): without
+dropout the fused path trains at 1.07x LoRA (conv) and 0.99x (BERT) and infers faster
+than unmerged LoRA (0.71x, 0.89x); the factored path beat fused at equal work only where
+ranks are small against the channels, so it is used only when dropout forces a second
+op: with dropout 0.01 FLoRA trains at 1.10x / 1.07x LoRA, where the "delta" path measured
+1.74x / 1.48x. Layer level, loaded machine, fp32: Conv2d 3x3 64->64 on 8x64x32x32, ranks
+(16, 16, 3, 3): fused train 25.9 ms vs delta 37.9 ms, infer 12.0 vs 24.2 ms; Linear
+768x768, M = 512, ranks (16, 16): fused train 17.6 vs delta 25.3 ms.
 
 Merging adds scale * dW of the active adapters into the base weight in place (no grad);
 unmerging subtracts the same tensor back, which restores the weight up to fp32 round-off
@@ -261,15 +259,38 @@ class FLoRALayer(nn.Module):
                 f"module '{self.module_name}': forward_mode='fused' cannot apply dropout "
                 "(use 'auto' or 'delta', or dropout=0, or eval mode)"
             )
-        if mode == "fused" or (mode == "auto" and not dropping):
+        if mode == "auto":
+            mode = self._auto_mode(names, dropping)
+        if mode == "factored" and not self._can_factor():
+            raise ValueError(f"module '{self.module_name}': forward_mode='factored' needs an ungrouped "
+                             "Linear or Conv (groups=1); use 'auto', 'fused' or 'delta'")
+        if mode == "fused":
             w = self.base_layer.weight
             for n in names:
                 w = w + self.delta_weight(n)
             return self._op(x, w, self.bias)
         out = self.base_layer(x)
         for n in names:
-            out = out + self._op(self._adapter_input(n, x), self.delta_weight(n), None)
+            xa = self._adapter_input(n, x)
+            if mode == "factored":
+                out = out + self._factored(n, xa).to(out.dtype)
+            else:
+                out = out + self._op(xa, self.delta_weight(n), None)
         return out
+
+    def _auto_mode(self, names, dropping: bool) -> str:
+        """Without active dropout: "fused" (one conv/matmul; measured fastest for training
+        and inference alike). With dropout (training): "factored" where the layer allows it
+        (dW and its full-size second op are never formed), else "delta"."""
+        if not dropping:
+            return "fused"
+        return "factored" if self._can_factor() else "delta"
+
+    def _can_factor(self) -> bool:
+        return False
+
+    def _factored(self, name, x):  # pragma: no cover - subclasses that can factor
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: ranks={self.flora_ranks[n]}, scale={self.flora_scale[n]}" for n in self.flora_core.keys())
@@ -279,6 +300,16 @@ class FLoRALinear(FLoRALayer):
     def _op(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
+    def _can_factor(self) -> bool:
+        return True
+
+    def _factored(self, name, x):
+        """``x dW^T = ((x A_2) G^T) A_1^T * scale`` without forming dW."""
+        a1, a2 = self.flora_factors[name]
+        g = self.flora_core[name]
+        x = x.to(g.dtype)
+        return (x @ a2 @ g.t() @ a1.t()) * self.flora_scale[name]
+
 
 class FLoRAConv(FLoRALayer):
     """Conv1d/2d/3d: the base module's own ``_conv_forward`` applies stride, padding (incl.
@@ -286,6 +317,29 @@ class FLoRAConv(FLoRALayer):
 
     def _op(self, x, weight, bias):
         return self.base_layer._conv_forward(x, weight, bias)
+
+    def _can_factor(self) -> bool:
+        return self.base_layer.groups == 1
+
+    def _factored(self, name, x):
+        """``conv(x, dW)`` as three small convs without forming dW: a 1x1 conv by A_in^T
+        (in -> r_in), the core kernel ``G x_3 A_3 ... x_N A_N`` (r_out x r_in x k...) with the
+        base's stride, padding (mode), dilation, then a 1x1 conv by A_out (r_out -> out).
+        Channel mixing commutes with the spatial padding of every padding mode."""
+        b = self.base_layer
+        g = self.flora_core[name]
+        fs = list(self.flora_factors[name])
+        a_out, a_in, spatial = fs[0], fs[1], fs[2:]
+        nd = len(spatial)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        one = (1,) * nd
+        k = g
+        for a in spatial:  # contract the spatial modes: [r_out, r_in, k_1..k_n]
+            k = torch.tensordot(k, a, dims=([2], [1]))
+        x = x.to(g.dtype)
+        h = conv(x, a_in.t().reshape(a_in.shape[1], a_in.shape[0], *one))
+        h = b._conv_forward(h, k, None)
+        return conv(h, a_out.reshape(*a_out.shape, *one)) * self.flora_scale[name]
 
 
 class FLoRAEmbedding(FLoRALayer):
@@ -306,16 +360,29 @@ class FLoRAEmbedding(FLoRALayer):
         return F.embedding(x, weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, False)
 
     def forward(self, x, *args, **kwargs):
-        # delta mode would renormalise W and dW separately under max_norm: always fused.
+        # delta mode would renormalise W and dW separately under max_norm: fused there.
+        # Otherwise the rows of dW that x selects are gathered from the factors
+        # (A_1[x] G A_2^T): dW [num_embeddings, dim] is never formed.
         if self.disable_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not names:
             return self.base_layer(x)
-        w = self.base_layer.weight
+        b = self.base_layer
+        if b.max_norm is not None or self.forward_mode == "fused":
+            w = b.weight
+            for n in names:
+                w = w + self.delta_weight(n)
+            return self._op(x, w, None)
+        out = b(x)
         for n in names:
-            w = w + self.delta_weight(n)
-        return self._op(x, w, None)
+            a1, a2 = self.flora_factors[n]
+            g = self.flora_core[n]
+            d = (F.embedding(x, a1) @ g @ a2.t()) * self.flora_scale[n]
+            if b.padding_idx is not None:
+                d = d.masked_fill((x == b.padding_idx).unsqueeze(-1), 0)
+            out = out + d.to(out.dtype)
+        return out
 
 
 def wrap_module(module: nn.Module, module_name: str) -> FLoRALayer:

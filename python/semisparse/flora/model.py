@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 from torch import nn
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, make_temp_dir
 from .config import FLoRAConfig, resolve_ranks
 from .layers import SUPPORTED_TYPES, FLoRALayer, ModulesToSaveWrapper, wrap_module
 
@@ -511,7 +510,7 @@ def _load_tensors_into(fm: FLoRAModel, adapter_name, plan, mts_meta, tensors, di
 def _write_folder(target: Path, files: dict[str, bytes]) -> None:
     target = target.absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
