@@ -646,6 +646,32 @@ def test_compile_aot_eager_forward_and_train_step():
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["factored", "delta"])
+def test_compile_aot_eager_dropout_paths(mode):
+    """With adapter dropout active (training), the factored / delta paths compile without a
+    graph break and give eager's gradients when dropout draws the same mask (p tiny: the
+    mask is all ones with overwhelming probability, so eager and compiled agree)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 5 * 5, 6))
+    fm = get_flora_model(base, FLoRAConfig(ranks=0.5, dropout=1e-9, target_modules=["0", "3"]))
+    perturb(fm)
+    for lay in fm.modules():
+        if isinstance(lay, FLoRALayer):
+            lay.forward_mode = mode
+    fm.train()
+    x = torch.randn(2, 4, 5, 5)
+    compiled = torch.compile(fm, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x)
+    g_c = torch.autograd.grad(out_c.square().sum(), [p for p in fm.parameters() if p.requires_grad])
+    out_e = fm(x)
+    g_e = torch.autograd.grad(out_e.square().sum(), [p for p in fm.parameters() if p.requires_grad])
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_inductor_forward():
     torch._dynamo.reset()
     torch.manual_seed(0)
