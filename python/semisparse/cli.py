@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
         if os.environ.get("SEMISPARSE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -38,6 +38,14 @@ IMAGE_DATASETS = ("digits",)
 _PREPROCESSOR = "preprocessor_config.json"
 
 
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("calibration images need Pillow (pip install pillow, or semisparse[vision])") from None
+    return Image
+
+
 def find_images(folder: str | os.PathLike) -> list[Path]:
     """Every image file under ``folder`` (recursive, hidden files and folders skipped), sorted."""
     folder = Path(folder)
@@ -89,7 +97,7 @@ def _digits_images(nsamples: int, seed: int, size: tuple[int, int] | None, mode:
     except ImportError:
         raise ImportError("the 'digits' calibration images need scikit-learn (pip install scikit-learn)") from None
     import numpy as np
-    from PIL import Image
+    Image = _pil()
 
     images = load_digits().images  # [1797, 8, 8] float64 in 0..16
     if nsamples > len(images):
@@ -105,7 +113,8 @@ def _digits_images(nsamples: int, seed: int, size: tuple[int, int] | None, mode:
 
 
 def _folder_images(folder: Path, nsamples: int, seed: int, mode: str) -> list:
-    from PIL import Image, UnidentifiedImageError
+    Image = _pil()
+    from PIL import UnidentifiedImageError
 
     paths = find_images(folder)
     if not paths:
@@ -203,7 +212,7 @@ def load_calibration_images(
     if use_processor:
         return _with_processor(images, model_dir, batch_size)
     import numpy as np
-    from PIL import Image
+    Image = _pil()
 
     m = _stats(0.5 if mean is None else mean, channels, "mean")
     s = _stats(0.5 if std is None else std, channels, "std")
