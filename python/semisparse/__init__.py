@@ -11,7 +11,7 @@ from .data import calibration_samples, eval_tokens, load_text
 from .eval import fidelity, perplexity
 from .hf import load_pretrained, save_pretrained
 from .masks import apply_masks, load_masks, save_masks
-from . import flora, lpvit, maskllm, train  # noqa: E402  (the methods; the shared training loop)
+from . import dsformer, flora, lpvit, maskllm, train  # noqa: E402  (the methods; the shared training loop)
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "SparsifyReport",
     "apply_masks",
     "calibration_samples",
+    "dsformer",
     "eval_tokens",
     "fidelity",
     "flora",
