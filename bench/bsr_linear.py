@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +16,7 @@ import semisparse  # noqa: F401  (loads the native library)
 import semisparse.ops.bsr  # noqa: F401  (defines the ops)
 from semisparse.formats.bsr import BlockSparse
 
-
-def _time(fn, min_s=0.02):
-    """ms per call: repeat fn until min_s has passed."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s:
-            return 1e3 * dt / n
+from _timing import round_robin_medians
 
 
 def main(argv=None) -> int:
@@ -66,11 +55,7 @@ def main(argv=None) -> int:
             for name in ("tbsr", "ours"):
                 err = (fns[name]() - ref).abs().max().item()
                 assert err < 1e-2 * (1 + ref.abs().max().item()), (name, err)
-            res = {k: [] for k in fns}
-            for _ in range(args.reps):
-                for k, fn in fns.items():
-                    res[k].append(_time(fn))
-            med = {k: statistics.median(v) for k, v in res.items()}
+            med = round_robin_medians(fns, args.reps)
             print(f"{sp:>8.2f} {m:>5} {med['dense']:>9.3f} {med['tbsr']:>9.3f} {med['ours']:>9.3f} "
                   f"{med['dense'] / med['ours']:>8.2f} {med['tbsr'] / med['ours']:>8.2f}", flush=True)
     return 0

@@ -9,8 +9,6 @@ round-robin in one process (inference, fp32).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +17,7 @@ import semisparse  # noqa: F401  (loads the native library)
 from semisparse.nn import DenseSparseLinear
 from semisparse.nn.dense_sparse_linear import dense_sparse_params, k_for_compression
 
-
-def _time(fn, min_s=0.02):
-    """ms per call: repeat fn until min_s has passed."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s:
-            return 1e3 * dt / n
+from _timing import round_robin_medians
 
 
 def main(argv=None) -> int:
@@ -69,11 +58,7 @@ def main(argv=None) -> int:
                 ref = F.linear(x, wd)
                 err = (fns["ours"]() - ref).abs().max().item()
                 assert err < 1e-3 * (1 + ref.abs().max().item()), err
-                res = {name: [] for name in fns}
-                for _ in range(args.reps):
-                    for name, fn in fns.items():
-                        res[name].append(_time(fn))
-                med = {name: statistics.median(v) for name, v in res.items()}
+                med = round_robin_medians(fns, args.reps)
                 print(f"{c:>5.2f} {k:>6} {r:>9} {m:>4} {med['dense']:>9.3f} {med['lowrank']:>9.3f} {med['ours']:>9.3f} "
                       f"{med['dense'] / med['ours']:>8.2f} {med['lowrank'] / med['ours']:>9.2f}", flush=True)
     return 0

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 
-__all__ = ["atomic_write_bytes", "make_temp_dir", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write_bytes", "load_module_file", "load_tensors", "make_temp_dir", "save_module_file", "save_tensors"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -84,3 +84,22 @@ def load_tensors(path, device: str | torch.device = "cpu") -> tuple[dict[str, to
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: the 'semisparse' header entry must be a JSON object, got {type(meta).__name__}")
     return out, meta
+
+
+def save_module_file(module: torch.nn.Module, path, fmt: str, version: int, meta: dict) -> None:
+    """One module in one safetensors file: its state dict plus a JSON header with ``format``
+    and ``version`` first, then ``meta`` (what its constructor needs); written atomically."""
+    save_tensors(dict(module.state_dict()), path, {"format": fmt, "version": version, **meta})
+
+
+def load_module_file(path, fmt: str, version: int, who: str,
+                     device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, header)`` of a file written by :func:`save_module_file`, after checking its
+    format name and that its version is one this code reads (``who`` names the caller in
+    the errors)."""
+    tensors, meta = load_tensors(path, device)
+    if meta.get("format") != fmt:
+        raise ValueError(f"{who}: {path} is not a {fmt} file (header format={meta.get('format')!r})")
+    if meta.get("version", 0) > version:
+        raise ValueError(f"{who}: {path} has format version {meta['version']}, this semisparse reads <= {version}")
+    return tensors, meta

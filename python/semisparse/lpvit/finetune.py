@@ -2,8 +2,8 @@
 
 The pruned blocks stay exactly zero: layers still dense (pruned in place) get gradient
 hooks that zero the pruned blocks' gradients, so AdamW never moves them (zero gradient,
-zero moments, decoupled decay of a zero weight is zero), and the masks are re-applied after
-every step as a guard; layers swapped to :class:`~semisparse.nn.BlockSparseLinear` hold
+zero moments, decoupled decay of a zero weight is zero; the tests check the blocks stay
+exactly zero through training and resume); layers swapped to :class:`~semisparse.nn.BlockSparseLinear` hold
 only their kept blocks, so nothing else is needed for them.
 
 The default loss is cross-entropy on the labels, optionally mixed with knowledge
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..train import TrainConfig, TrainResult, train
 from .calibrate import _inputs, _output_tensor
-from .prune import LPViTReport, mask_gradients, reapply_masks
+from .prune import LPViTReport, mask_gradients
 
 __all__ = ["finetune", "distillation_loss"]
 
@@ -139,11 +139,6 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, report: LPViTReport
     if masked:
         sub = LPViTReport(block=report.block, target=report.target, kept_flops=report.kept_flops, masks=masked)
         hooks = mask_gradients(model, sub)
-
-        def hold(step, metrics):
-            reapply_masks(model, sub)
-
-        callbacks = [hold, *callbacks]
     try:
         return train(model, data, loss_fn, config, eval_fn=eval_fn, callbacks=callbacks, **train_kwargs)
     finally:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..formats.bsr import BlockSparse
-from ..io import load_tensors, save_tensors
+from ..io import load_module_file, save_module_file
 from ..ops import bsr as _ops
 
 __all__ = ["BlockSparseLinear"]
@@ -146,8 +146,6 @@ class BlockSparseLinear(nn.Module):
     def save(self, path) -> None:
         """Write this module to one safetensors file (state dict plus a JSON header), atomically."""
         meta = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
@@ -155,17 +153,11 @@ class BlockSparseLinear(nn.Module):
             "nnz_blocks": self.nnz_blocks,
             "dtype": str(self.values.dtype).removeprefix("torch."),
         }
-        save_tensors(dict(self.state_dict()), path, meta)
+        save_module_file(self, path, _FORMAT, _FORMAT_VERSION, meta)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu") -> "BlockSparseLinear":
-        tensors, meta = load_tensors(path, device)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"BlockSparseLinear.load: {path} is not a {_FORMAT} file (header format={meta.get('format')!r})")
-        if meta.get("version", 0) > _FORMAT_VERSION:
-            raise ValueError(
-                f"BlockSparseLinear.load: {path} has format version {meta['version']}, this semisparse reads <= {_FORMAT_VERSION}"
-            )
+        tensors, meta = load_module_file(path, _FORMAT, _FORMAT_VERSION, "BlockSparseLinear.load", device)
         mod = cls(meta["in_features"], meta["out_features"], bias=meta["bias"], block=tuple(meta["block"]),
                   nnz_blocks=int(meta["nnz_blocks"]), device=device, dtype=getattr(torch, meta["dtype"]))
         mod.load_state_dict(tensors, strict=True)

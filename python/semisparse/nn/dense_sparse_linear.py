@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.sparse24 import Sparse24, nm_mask
-from ..io import load_tensors, save_tensors
+from ..io import load_module_file, save_module_file
 from ..ops import sparse24 as _ops
 
 __all__ = ["DenseSparseLinear", "dense_sparse_params", "k_for_compression", "parse_pattern"]
@@ -334,8 +334,6 @@ class DenseSparseLinear(nn.Module):
     def save(self, path) -> None:
         """One safetensors file (the state dict, either state) plus a JSON header; atomic."""
         meta = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "k": self.k,
@@ -345,17 +343,11 @@ class DenseSparseLinear(nn.Module):
             "state": "compressed" if self.compressed else "training",
             "mask_frozen": self.mask_frozen,
         }
-        save_tensors(dict(self.state_dict()), path, meta)
+        save_module_file(self, path, _FORMAT, _FORMAT_VERSION, meta)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu") -> DenseSparseLinear:
-        tensors, meta = load_tensors(path, device)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"DenseSparseLinear.load: {path} is not a {_FORMAT} file (header format={meta.get('format')!r})")
-        if meta.get("version", 0) > _FORMAT_VERSION:
-            raise ValueError(
-                f"DenseSparseLinear.load: {path} has format version {meta['version']}, this semisparse reads <= {_FORMAT_VERSION}"
-            )
+        tensors, meta = load_module_file(path, _FORMAT, _FORMAT_VERSION, "DenseSparseLinear.load", device)
         mod = cls(meta["in_features"], meta["out_features"], meta["k"], pattern=meta["pattern"], bias=meta["bias"],
                   device=device, dtype=getattr(torch, meta["dtype"]))
         mod.load_state_dict(tensors, strict=True)
