@@ -43,7 +43,8 @@ dropout the fused path trains at 1.07x LoRA (conv) and 0.99x (BERT) and infers f
 than unmerged LoRA (0.71x, 0.89x); the factored path beat fused at equal work only where
 ranks are small against the channels, so it is used only when dropout forces a second
 op: with dropout 0.01 FLoRA trains at 1.10x / 1.07x LoRA, where the "delta" path measured
-1.74x / 1.48x. Layer level, loaded machine, fp32: Conv2d 3x3 64->64 on 8x64x32x32, ranks
+1.74x / 1.48x (a one-off script, not in the repository). Layer level (one-off script,
+loaded machine, fp32, best of interleaved repetitions): Conv2d 3x3 64->64 on 8x64x32x32, ranks
 (16, 16, 3, 3): fused train 25.9 ms vs delta 37.9 ms, infer 12.0 vs 24.2 ms; Linear
 768x768, M = 512, ranks (16, 16): fused train 17.6 vs delta 25.3 ms.
 
