@@ -61,6 +61,39 @@ def export(model: nn.Module) -> list[str]:
     return done
 
 
+class _FrozenMaskState:
+    """Checkpointed with the training state (``extra_state`` of :func:`semisparse.train.train`):
+    the masks of the layers frozen during training, whose ``mask`` buffers did not exist when
+    the loop listed the model's buffers, so a resume after the freeze restores them; wraps
+    the caller's own ``extra_state`` (keys prefixed ``user.``)."""
+
+    def __init__(self, model: nn.Module, user=None):
+        self.model, self.user = model, user
+
+    def state_dict(self) -> dict:
+        sd = {f"mask.{name}": mod.mask for name, mod in dense_sparse_layers(self.model).items()
+              if not mod.compressed and mod.mask is not None}
+        if self.user is not None:
+            sd.update({f"user.{k}": v for k, v in self.user.state_dict().items()})
+        return sd
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        layers = dense_sparse_layers(self.model)
+        for key, value in sd.items():
+            if not key.startswith("mask."):
+                continue
+            name = key[len("mask."):]
+            mod = layers.get(name)
+            if mod is None or mod.compressed:
+                raise ValueError(f"train_stf: the checkpoint holds a frozen mask for {name!r}, which is not a "
+                                 "DenseSparseLinear in the training state of this model")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (mod.out_features, mod.k):
+                raise ValueError(f"train_stf: checkpointed mask {name!r} must be a [{mod.out_features}, {mod.k}] tensor")
+            mod.mask = value.to(device=mod.D.device, dtype=torch.bool).clone()
+        if self.user is not None:
+            self.user.load_state_dict({k[len("user."):]: v for k, v in sd.items() if k.startswith("user.")})
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     name = type(getattr(model, "module", model)).__name__
     return "CausalLM" in name or "LMHead" in name
@@ -191,6 +224,8 @@ def train_stf(model: nn.Module, data, config: TrainConfig, *, loss_fn=None, teac
                     freeze_masks(model)
 
             callbacks.insert(0, freeze)
+    # frozen masks travel in the checkpoints, so a resume after the freeze continues exactly
+    train_kwargs["extra_state"] = _FrozenMaskState(model, train_kwargs.get("extra_state"))
     result = train(model, data, loss_fn, config, callbacks=callbacks, **train_kwargs)
     if compress:
         export(model)
