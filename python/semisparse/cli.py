@@ -1,5 +1,9 @@
 """The ``semisparse`` command: info, demo, bench, prune, eval.
 
+``prune --method`` is a pruning method (magnitude, wanda, sparsegpt), learned masks
+(maskllm), block pruning (lpvit), or a factorisation: DSFormer (dsformer: ``W ~ S D``, S 2:4
+sparse, optionally trained with STF) and its low-rank baseline (lowrank: ``W ~ U V``).
+
 Every command prints what it is doing and exits non-zero with a one-line reason on bad
 input (``semisparse <command>: error: ...``).
 """
@@ -104,18 +108,69 @@ def _load_tokenizer(path: str):
         raise UsageError(f"cannot load a tokenizer from {path}: {e}".splitlines()[0]) from None
 
 
+def _calib_tokens(a, tok):
+    """``--nsamples`` windows of ``--seqlen`` tokens of the ``--calib`` text (``--seed``),
+    ``LongTensor[nsamples, seqlen]``: the calibration or training data of ``prune``."""
+    from .data import calibration_samples, load_text
+
+    text = load_text(a.calib, split=a.split, download=a.download)
+    return calibration_samples(text, tok, a.nsamples, a.seqlen, seed=a.seed)
+
+
+def _eval_ids(a, tok):
+    """The ``--eval-data`` tokens (the first ``--eval-tokens``), or None without --eval-data."""
+    from .data import eval_tokens, load_text
+
+    if not a.eval_data:
+        return None
+    ids = eval_tokens(load_text(a.eval_data, split=a.split, download=a.download), tok)
+    return ids[:, : a.eval_tokens] if a.eval_tokens else ids
+
+
+def _token_batches(data, batch_size: int) -> list[dict]:
+    """Token ids ``[n, seqlen]`` -> ``{"input_ids": [batch_size, seqlen]}`` micro-batches."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+    if data.shape[0] < batch_size:
+        raise UsageError(f"--nsamples {data.shape[0]} is smaller than --batch-size {batch_size}")
+    return [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0] - batch_size + 1, batch_size)]
+
+
+def _train_config(a, desc: str):
+    """The :class:`semisparse.train.TrainConfig` of ``prune``'s training flags (--steps,
+    --lr, --grad-accum, --autocast, --seed, --eval-every, --checkpoint-dir,
+    --checkpoint-every, --metrics)."""
+    from .train import TrainConfig
+
+    return TrainConfig(steps=a.steps, lr=a.lr, grad_accum=a.grad_accum, autocast=a.autocast, seed=a.seed,
+                       eval_every=a.eval_every, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                       metrics_path=a.metrics, desc=desc)
+
+
+def _check_out_free(a) -> None:
+    if os.path.exists(a.out) and not a.overwrite:
+        raise UsageError(f"--out {a.out} exists (pass --overwrite to replace it)")
+
+
 def _cmd_prune(a) -> int:
     import semisparse
-    from .data import calibration_samples, load_text
     from .hf import save_pretrained
     from .masks import save_masks
 
     device, dtype = _device(a.device), _DTYPES[a.dtype]
-    methods = (*semisparse.pruning.METHODS, "maskllm", "lpvit")
+    methods = (*semisparse.pruning.METHODS, "maskllm", "lpvit", *_FACTORIZE_METHODS)
     if a.method not in methods:
         raise UsageError(f"--method must be one of {', '.join(methods)}, got {a.method!r}")
     if a.method == "lpvit":  # block pruning: --pattern does not apply
         return _prune_lpvit(a, device, dtype)
+    if a.method in _FACTORIZE_METHODS:
+        return _prune_factorize(a, device, dtype)
+    if a.k is not None or a.compression is not None or a.init is not None or a.distill is not None \
+            or a.freeze_mask_steps is not None:
+        raise UsageError(f"--k, --compression, --init, --distill and --freeze-mask-steps are for --method "
+                         f"dsformer / lowrank, not {a.method}")
+    if a.pattern is None:
+        a.pattern = "2:4"
     semisparse.parse_pattern(a.pattern)  # raises ValueError listing the valid forms
     if a.method == "maskllm":
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -136,8 +191,7 @@ def _cmd_prune(a) -> int:
         print(f"note: no tokenizer in {a.model}; the output folder will have none")
     calib = None
     if needs_calib:
-        text = load_text(a.calib, split=a.split, download=a.download)
-        calib = calibration_samples(text, tok, a.nsamples, a.seqlen, seed=a.seed)
+        calib = _calib_tokens(a, tok)
         print(f"calibration: {a.nsamples} x {a.seqlen} tokens from {a.calib} (seed {a.seed})")
     t0 = time.perf_counter()
     options = {}
@@ -168,10 +222,11 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 def _prune_maskllm(a, device, dtype) -> int:
     """``semisparse prune --method maskllm``: learn the masks (frozen weights) on --calib text."""
     from . import maskllm
-    from .data import calibration_samples, eval_tokens, load_text
     from .hf import save_pretrained
     from .masks import save_masks
 
+    if a.steps is None:
+        a.steps = 200
     if not a.calib:
         raise UsageError("--method maskllm needs --calib (the training text: a file, a folder or a dataset)")
     prior = None if a.prior == "none" else a.prior
@@ -191,19 +246,13 @@ def _prune_maskllm(a, device, dtype) -> int:
         seed=a.seed, eval_every=a.eval_every, checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every,
         metrics_path=a.metrics, autocast=a.autocast,
     )
-    if os.path.exists(a.out) and not a.overwrite:
-        raise UsageError(f"--out {a.out} exists (pass --overwrite to replace it)")
+    _check_out_free(a)
     model = _load_model(a.model, device, dtype)
     tok = _load_tokenizer(a.model)
-    text = load_text(a.calib, split=a.split, download=a.download)
-    data = calibration_samples(text, tok, a.nsamples, a.seqlen, seed=a.seed)
+    data = _calib_tokens(a, tok)
     print(f"training data: {a.nsamples} x {a.seqlen} tokens from {a.calib}; {a.steps} steps x "
           f"{a.batch_size * a.grad_accum} sequences; prior {a.prior}")
-    eval_ids = None
-    if a.eval_data:
-        eval_ids = eval_tokens(load_text(a.eval_data, split=a.split, download=a.download), tok)
-        if a.eval_tokens:
-            eval_ids = eval_ids[:, : a.eval_tokens]
+    eval_ids = _eval_ids(a, tok)
     t0 = time.perf_counter()
     res = maskllm.train_masks(model, data, cfg, eval_data=eval_ids, eval_seqlen=a.seqlen)
     print(f"learned {len(res.masks)} masks in {time.perf_counter() - t0:.1f} s ({res.steps} steps"
@@ -233,6 +282,204 @@ def _prune_maskllm(a, device, dtype) -> int:
 
         for p in plot_run(res.history, res.changed, a.plot):
             print(f"wrote {p}")
+    return 0
+
+
+_FACTORIZE_METHODS = ("dsformer", "lowrank")
+
+
+def _is_causal_lm(model) -> bool:
+    """As :func:`semisparse.dsformer.stf_loss` decides whether the model has its own LM loss."""
+    name = type(model).__name__
+    return "CausalLM" in name or "LMHead" in name
+
+
+def _factorize_options(a) -> dict:
+    """Check the dsformer / lowrank flags (before anything is loaded); the resolved options."""
+    from .dsformer import parse_pattern as nm_pattern
+
+    lowrank = a.method == "lowrank"
+    if a.k is not None and a.compression is not None:
+        raise UsageError("give --k or --compression, not both (--k fixes the inner dimension of every layer, "
+                         "--compression picks the largest k within the budget of each layer)")
+    if a.compression is not None and not a.compression > 1:
+        raise UsageError(f"--compression must be a number > 1 (weights before / after), got {a.compression}")
+    if a.steps is None:
+        a.steps = 0
+    if a.steps < 0:
+        raise UsageError(f"--steps must be >= 0 (0: factorise only), got {a.steps}")
+    for path, flag in ((a.masks_out, "--masks-out"), (a.task_masks_out, "--task-masks-out"), (a.plot, "--plot")):
+        if path:
+            raise UsageError(f"{flag} does not apply to --method {a.method} (a factorised model has no weight masks)")
+    _check_out_path(a.report, "--report")
+    if lowrank:
+        if a.k is not None:
+            raise UsageError("--k is for --method dsformer; --method lowrank takes --compression (each layer gets "
+                             "the largest rank within the budget)")
+        if a.pattern is not None:
+            raise UsageError(f"--pattern does not apply to --method lowrank (dense factors), got {a.pattern!r}")
+        if a.init not in (None, "svd"):
+            raise UsageError(f"--method lowrank is initialised by truncated SVD; --init {a.init} is for dsformer")
+        if a.freeze_mask_steps is not None:
+            raise UsageError("--freeze-mask-steps is for --method dsformer (low-rank factors have no mask)")
+        pattern, init = None, "svd"
+    else:
+        pattern = "2:4" if a.pattern is None else a.pattern
+        try:
+            n, m = nm_pattern(pattern)
+        except ValueError:
+            raise UsageError(f"--pattern must be N:M with integers 0 < N < M for --method dsformer (S is N:M sparse "
+                             f"along k; 2:4 can be compressed), got {pattern!r}") from None
+        pattern = f"{n}:{m}"
+        init = a.init or "svd"
+        if init not in ("svd", "data"):
+            raise UsageError(f"--init must be svd or data, got {init!r}")
+        if init == "data" and not a.calib:
+            raise UsageError("--init data needs --calib (the text whose activations weight the factorisation)")
+        if a.k is not None and (a.k < 1 or a.k % m):
+            raise UsageError(f"--k must be a positive multiple of M={m} (S is {pattern} sparse along k), got {a.k}")
+    if a.steps == 0:
+        for value, flag in ((a.distill, "--distill"), (a.freeze_mask_steps, "--freeze-mask-steps"),
+                            (a.checkpoint_dir, "--checkpoint-dir"), (a.eval_every, "--eval-every")):
+            if value is not None:
+                raise UsageError(f"{flag} needs training: pass --steps N (N > 0) with --calib")
+    else:
+        if not a.calib:
+            raise UsageError(f"--steps {a.steps} needs --calib (the training text: a file, a folder or a dataset)")
+        if a.distill is not None and not 0.0 <= a.distill <= 1.0:
+            raise UsageError(f"--distill (the weight of the KL to the dense model) must be in [0, 1], got {a.distill}")
+        if not lowrank:
+            if a.freeze_mask_steps is None:
+                a.freeze_mask_steps = int(0.1 * a.steps + 0.5)
+            if not 0 <= a.freeze_mask_steps <= a.steps:
+                raise UsageError(f"--freeze-mask-steps must be in [0, --steps {a.steps}], got {a.freeze_mask_steps}")
+        _train_config(a, a.method)  # bad --lr, --grad-accum, ...: fail before the model is loaded
+    compression = None if a.k is not None else (a.compression if a.compression is not None else 2.0)
+    return {"pattern": pattern, "init": init, "k": a.k, "compression": compression,
+            "distill": a.distill or 0.0, "freeze_mask_steps": a.freeze_mask_steps or 0}
+
+
+def _factorize_report_json(report, a, opts, train_info) -> dict:
+    return {
+        "method": a.method, "model": a.model, "pattern": opts["pattern"], "init": opts["init"],
+        "compression_target": opts["compression"], "k": opts["k"],
+        "compression": report.compression, "params_before": report.params_before, "params_after": report.params_after,
+        "model_params_before": report.model_params_before, "model_params_after": report.model_params_after,
+        "layers": [{"name": name, "shape": list(v.shape), "k": v.k, "params_before": v.params_before,
+                    "params_after": v.params_after, "init_error": v.init_error} for name, v in report.layers.items()],
+        "skipped": dict(report.skipped), "training": train_info,
+    }
+
+
+def _prune_factorize(a, device, dtype) -> int:
+    """``semisparse prune --method dsformer | lowrank``: factorise the selected Linear layers
+    (DSFormer ``W ~ S D`` with S N:M sparse, or the low-rank baseline ``W ~ U V``) at
+    --compression (or --k), optionally train them --steps on --calib text (STF for dsformer;
+    --distill adds a KL to the dense model), compress the 2:4 layers and save the folder."""
+    import copy
+
+    from . import dsformer
+    from .eval import perplexity
+    from .hf import save_pretrained
+    from .io import atomic_write_bytes
+
+    opts = _factorize_options(a)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
+    _check_out_free(a)
+    model = _load_model(a.model, device, dtype)
+    needs_tok = bool(a.calib or a.eval_data)
+    try:
+        tok = _load_tokenizer(a.model)
+    except UsageError:
+        if needs_tok:
+            raise
+        tok = None
+        print(f"note: no tokenizer in {a.model}; the output folder will have none")
+    train = a.steps > 0
+    if train and opts["distill"] < 1 and not _is_causal_lm(model):
+        raise UsageError(f"--steps: {type(model).__name__} has no language-model loss; train it with --distill 1 "
+                         "(KL to the dense model only)")
+    data = None
+    if a.calib:
+        data = _calib_tokens(a, tok)
+        print(f"calibration: {a.nsamples} x {a.seqlen} tokens from {a.calib} (seed {a.seed})")
+    eval_ids = _eval_ids(a, tok)
+    batches = _token_batches(data, a.batch_size) if data is not None else None
+    teacher = None
+    if train and opts["distill"] > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    t0 = time.perf_counter()
+    if a.method == "lowrank":
+        report = dsformer.lowrank(model, compression=opts["compression"], targets=a.targets, exclude=a.exclude)
+    else:
+        report = dsformer.factorize(model, compression=opts["compression"], k=opts["k"], pattern=opts["pattern"],
+                                    targets=a.targets, exclude=a.exclude, init=opts["init"],
+                                    calib=batches if opts["init"] == "data" else None)
+    if a.strict and report.skipped:
+        raise UsageError(f"--strict: {len(report.skipped)} layer(s) not factorised: "
+                         + "; ".join(f"{n}: {r}" for n, r in report.skipped.items()))
+    print(f"factorised {len(report.layers)} layers with {a.method} in {time.perf_counter() - t0:.1f} s")
+    print(report.table())
+
+    def ppl(mdl):
+        return perplexity(mdl, eval_ids, seqlen=a.seqlen, progress=False)
+
+    train_info = {"steps": a.steps}
+    if eval_ids is not None:
+        train_info["eval_ppl_factorised"] = ppl(model)
+        print(f"evaluation: perplexity {train_info['eval_ppl_factorised']:.4f} after factorisation")
+    if train:
+        cfg = _train_config(a, a.method)
+        eval_fn = (lambda mdl, step: {"ppl": ppl(mdl)}) if eval_ids is not None and a.eval_every else None
+        print(f"training: {a.steps} steps x {a.batch_size * a.grad_accum} sequences of {a.seqlen} tokens, lr {a.lr}"
+              + (f", distill {opts['distill']}" if opts["distill"] else "")
+              + (f", masks frozen for the last {opts['freeze_mask_steps']} steps" if a.method == "dsformer" else ""))
+        t0 = time.perf_counter()
+        if a.method == "dsformer":
+            res = dsformer.train_stf(model, batches, cfg, teacher=teacher, distill=opts["distill"],
+                                     freeze_mask_steps=opts["freeze_mask_steps"], compress=False, eval_fn=eval_fn)
+        else:
+            def loss_fn(mdl, batch, info):
+                return dsformer.stf_loss(mdl, batch, teacher, opts["distill"])
+
+            from .train import train as train_loop
+
+            res = train_loop(model, batches, loss_fn, cfg, eval_fn=eval_fn)
+        losses = [h["loss"] for h in res.history if "loss" in h]
+        train_info.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                          resumed_from=res.resumed_from, seconds=time.perf_counter() - t0)
+        print(f"trained {res.step} steps in {train_info['seconds']:.1f} s"
+              + (f" (resumed from step {res.resumed_from})" if res.resumed_from else "")
+              + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""))
+    model.eval()
+    exported = dsformer.export(model) if a.method == "dsformer" else []
+    if a.method == "dsformer":
+        print(f"compressed {len(exported)} of {len(report.layers)} layers to 2:4"
+              + ("" if len(exported) == len(report.layers) else f" (pattern {opts['pattern']}: masks frozen instead)"))
+    if eval_ids is not None and (train or exported):
+        train_info["eval_ppl"] = ppl(model)
+        print(f"evaluation: perplexity {train_info['eval_ppl']:.4f}")
+
+    meta = {"method": a.method, "pattern": opts["pattern"], "compression": opts["compression"], "k": opts["k"],
+            "init": opts["init"], "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
+            "targets": a.targets, "exclude": a.exclude,
+            "options": {"steps": a.steps, "lr": a.lr, "batch_size": a.batch_size, "grad_accum": a.grad_accum,
+                        "distill": opts["distill"], "freeze_mask_steps": opts["freeze_mask_steps"]},
+            "achieved_compression": report.compression}
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
+        return 0
+    save_pretrained(model, a.out, tokenizer=tok, compress=True, metadata=meta, overwrite=a.overwrite)
+    print(f"wrote {a.out} ({len(report.layers)} {a.method} layers"
+          + (f", {len(exported)} compressed 2:4" if a.method == "dsformer" else "") + ")")
+    if a.report:
+        base, ext = os.path.splitext(a.report)
+        txt = (base if ext.lower() == ".json" else a.report) + ".txt"
+        summary = _factorize_report_json(report, a, opts, train_info)
+        atomic_write_bytes(a.report, (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write_bytes(txt, (report.table() + "\n").encode())
+        print(f"wrote {a.report} and {txt}")
     return 0
 
 
@@ -429,8 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", help="prune a Hugging Face model and save it")
     s.add_argument("--model", required=True, help="a local Hugging Face model folder")
     s.add_argument("--method", required=True,
-                   help="magnitude | wanda | sparsegpt | maskllm (learned masks) | lpvit (block pruning, image models)")
-    s.add_argument("--pattern", default="2:4", help="N:M (2:4, 1:4, 4:8) or unstructured:<ratio>")
+                   help="magnitude | wanda | sparsegpt | maskllm (learned masks) | lpvit (block pruning, image models) "
+                        "| dsformer (W ~ S D factorisation, S 2:4) | lowrank (W ~ U V baseline)")
+    s.add_argument("--pattern", default=None,
+                   help="N:M (2:4, 1:4, 4:8) or unstructured:<ratio> (default 2:4); dsformer: N:M of S along k")
     s.add_argument("--calib", default=None, help="text file, folder of text files, or dataset (wikitext2, c4, "
                    "hf:NAME...); lpvit: a folder of images or digits (scikit-learn's)")
     s.add_argument("--nsamples", type=int, default=128)
@@ -451,10 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="let a dataset --calib be downloaded (default: local cache only)")
     g = s.add_argument_group("maskllm (learned masks; --calib is the training text, --nsamples its sequences)")
     g.add_argument("--prior", default="sparsegpt", help="none | magnitude | wanda | sparsegpt | a masks file (transfer)")
-    g.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (maskllm: default 200; dsformer/lowrank: default 0 = factorise only)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (lpvit: images per batch)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate on the logits (cosine to 5e-6)")
+    g.add_argument("--lr", type=float, default=5e-4,
+                   help="AdamW learning rate (cosine to 5e-6): maskllm on the logits, dsformer/lowrank on the factors")
     g.add_argument("--tau", default="4,0.05", help="Gumbel temperature START,END")
     g.add_argument("--kappa", default="100,500", help="logit scale START,END")
     g.add_argument("--schedule", default="linear", help="tau/kappa schedule: linear | exp | cosine | constant")
@@ -486,6 +737,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest fraction of blocks pruned in any one layer (default 0.95)")
     g.add_argument("--report", default=None,
                    help="write the per-layer sparsity as JSON here (FILE.json) and the table next to it (FILE.txt)")
+    g = s.add_argument_group("dsformer / lowrank (factorise the Linear layers; also --pattern, --targets, --exclude, "
+                             "--strict, --report, and for training --steps on --calib with --batch-size, --grad-accum, "
+                             "--lr, --autocast, --eval-data, --eval-every, --checkpoint-dir, --metrics)")
+    g.add_argument("--compression", type=float, default=None,
+                   help="weights before / after of every factorised layer, > 1 (default 2.0); the largest k (rank) "
+                        "within that budget")
+    g.add_argument("--k", type=int, default=None, help="dsformer: one inner dimension k for every layer (a multiple "
+                   "of M) instead of --compression")
+    g.add_argument("--init", default=None, help="dsformer: svd (default, task-unaware) | data (weighted by the "
+                   "--calib activations)")
+    g.add_argument("--freeze-mask-steps", type=int, default=None,
+                   help="dsformer: freeze S's mask for the last N training steps (default 10%% of --steps)")
+    g.add_argument("--distill", type=float, default=None,
+                   help="weight in [0, 1] of the KL to the dense model (the teacher) in the training loss (default 0)")
     _add_device_dtype(s)
     s.set_defaults(fn=_cmd_prune)
 

@@ -16,6 +16,27 @@ alone cannot read it (it would silently initialise the missing Linear weights at
 random), so ``AutoModel.from_pretrained`` on such a folder fails instead of returning a
 wrong model; :func:`load_pretrained` reads it.
 
+Factorised layers (:mod:`semisparse.dsformer`): a model whose ``nn.Linear`` layers were
+replaced by :class:`~semisparse.nn.DenseSparseLinear` (``W ~ S D``, in any of its states:
+compressed 2:4, training/STF, training with the mask frozen) or by
+:class:`~semisparse.dsformer.LowRankLinear` (``W ~ U V``) is always saved in semisparse's
+own weights file (``transformers`` cannot rebuild these modules), whatever ``compress``
+says; the module tensors are stored as the module's own state dict (``D``, ``values``,
+``meta`` [, ``bias``] when compressed; ``D``, ``S_latent`` [, ``mask``] [, ``bias``] in
+training; ``U``, ``V`` [, ``bias``] for low rank), and ``semisparse.json`` (version 2) lists
+each one under ``factorized_modules``::
+
+     "factorized_modules": {
+        "model.layers.0.mlp.up_proj": {"class": "DenseSparseLinear", "in_features": 32, "out_features": 64,
+                                       "bias": false, "k": 16, "pattern": "2:4",
+                                       "state": "compressed" | "training", "mask_frozen": false,
+                                       "source": "Linear"},
+        "model.layers.0.mlp.down_proj": {"class": "LowRankLinear", "in_features": 64, "out_features": 32,
+                                         "bias": false, "rank": 10, "source": "Linear"}}
+
+A folder without factorised layers is still written as version 1, so older semisparse
+releases keep reading it; a version-2 folder is refused by them with a clear message.
+
 ``semisparse.json`` (version 1)::
 
     {"format": "semisparse.pretrained", "version": 1, "semisparse_version": "0.1.0",
@@ -50,6 +71,8 @@ from torch import nn
 from .io import atomic_write_bytes, load_tensors, make_temp_dir, save_tensors
 from .masks import _as_bool, _merge_metadata, save_masks
 from .nn import SparseLinear
+from .nn.dense_sparse_linear import DenseSparseLinear
+from .nn.dense_sparse_linear import parse_pattern as _parse_nm
 
 __all__ = [
     "save_pretrained",
@@ -65,7 +88,9 @@ COMPRESSED_WEIGHTS = "model.sparse24.safetensors"
 MASKS_FILE = "masks.safetensors"
 _FORMAT = "semisparse.pretrained"
 _WEIGHTS_FORMAT = "semisparse.sparse24_model"
-_VERSION = 1
+_VERSION = 2  # the newest version read; 2 adds "factorized_modules"
+_VERSION_PLAIN = 1  # written when the model has no factorised layers
+_DS_STATES = ("compressed", "training")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # set on a SparseLinear that replaced a transformers Conv1D (weight stored [in, out])
@@ -85,6 +110,35 @@ def _conv1d_type():
     except ImportError:  # pragma: no cover - transformers without Conv1D
         return None
     return Conv1D
+
+
+def _lowrank_type():
+    from .dsformer.factorize import LowRankLinear  # lazily: dsformer pulls in the training loop
+
+    return LowRankLinear
+
+
+def _factorized_spec(mod: nn.Module) -> dict | None:
+    """The ``factorized_modules`` entry of a DenseSparseLinear / LowRankLinear, else None."""
+    if not isinstance(mod, (DenseSparseLinear, _lowrank_type())):
+        return None
+    base = {"in_features": int(mod.in_features), "out_features": int(mod.out_features)}
+    if isinstance(mod, DenseSparseLinear):
+        return {"class": "DenseSparseLinear", **base, "bias": mod.bias is not None, "k": mod.k,
+                "pattern": mod.pattern, "state": "compressed" if mod.compressed else "training",
+                "mask_frozen": bool(mod.mask_frozen), "source": "Linear"}
+    if isinstance(mod, _lowrank_type()):
+        return {"class": "LowRankLinear", **base, "bias": mod.bias is not None, "rank": mod.rank, "source": "Linear"}
+    return None
+
+
+def _factorized_modules(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, mod in model.named_modules():
+        spec = _factorized_spec(mod)
+        if spec is not None:
+            out[name] = spec
+    return dict(sorted(out.items()))
 
 
 def _check_hf_model(model, where: str) -> None:
@@ -208,16 +262,27 @@ def _linear_view(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def _compressed_state_dict(model: nn.Module, masks: dict[str, torch.Tensor] | None, where: str):
-    """(state dict with SparseLinear tensors, sparse_modules, dense_modules, tied)."""
+def _compressed_state_dict(model: nn.Module, masks: dict[str, torch.Tensor] | None, where: str,
+                           compress: bool = True):
+    """(state dict with SparseLinear tensors, sparse_modules, dense_modules, tied).
+
+    Factorised modules (DenseSparseLinear, LowRankLinear) keep their own tensors. With
+    ``compress=False`` (a model with factorised layers saved uncompressed) every
+    SparseLinear is written as the dense weight of the layer it replaced and ``masks`` are
+    not used to compress anything."""
     conv1d = _conv1d_type()
     owners = _owners(model)
-    sd = model.state_dict()
+    if not compress:
+        sd = _dense_state_dict(model)
+        sd = model.state_dict() if sd is None else sd
+        masks = None
+    else:
+        sd = model.state_dict()
     sparse: dict[str, dict] = {}
     dense: dict[str, str] = {}
 
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
+        if compress and isinstance(mod, SparseLinear):
             sparse[name] = {
                 "in_features": mod.in_features, "out_features": mod.out_features,
                 "bias": mod.bias is not None, "source": getattr(mod, _SOURCE_ATTR, "Linear"),
@@ -310,8 +375,13 @@ def save_pretrained(
       cannot be compressed (mask not 2:4, ``in_features % 4``, no kernel for its dtype,
       weight shared with another module such as a tied LM head) stays dense, with the
       reason in ``semisparse.json`` and a warning. A masked layer with non-zero weights
-      where its mask is False is an error (apply the masks first). With neither masks nor
-      SparseLinear layers there is nothing to compress: an error.
+      where its mask is False is an error (apply the masks first). With neither masks,
+      SparseLinear nor factorised layers there is nothing to compress: an error.
+    * Factorised layers (DenseSparseLinear in any state, LowRankLinear; see
+      :mod:`semisparse.dsformer`) are always stored as they are in semisparse's weights
+      file (``semisparse.json`` version 2, ``factorized_modules``), with either value of
+      ``compress``; :func:`load_pretrained` rebuilds them exactly. With ``compress=False``
+      the other layers are stored as in a plain folder (SparseLinear as dense weights).
 
     ``masks`` (``{module name: bool tensor of the weight's shape}``) are also written to
     ``masks.safetensors``. ``metadata`` (JSON-serialisable; its ``"method"`` and
@@ -335,9 +405,10 @@ def save_pretrained(
     if masks is not None and not masks:
         raise ValueError(f"{where}: masks is empty (pass None when there are no masks)")
 
+    factorized = _factorized_modules(model)
     info = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _VERSION if factorized else _VERSION_PLAIN,
         "semisparse_version": _version(),
         "compressed": bool(compress),
         "architecture": type(model).__name__,
@@ -347,9 +418,12 @@ def save_pretrained(
         "masks": MASKS_FILE if masks else None,
     }
     state = None
-    if compress:
-        sd, sparse, dense, tied = _compressed_state_dict(model, masks, where)
-        if not sparse:
+    own_file = bool(compress or factorized)  # semisparse's weights file (transformers cannot rebuild these)
+    if own_file:
+        sd, sparse, dense, tied = _compressed_state_dict(model, masks, where, compress=bool(compress))
+        if not compress or (factorized and not sparse and not masks):
+            pass  # factorised layers only (or uncompressed): nothing to compress, nothing to warn about
+        elif not sparse:
             if not masks:
                 raise ValueError(
                     f"{where}: compress=True but the model has no SparseLinear layers and no masks were given: "
@@ -363,6 +437,8 @@ def save_pretrained(
                 stacklevel=2,
             )
         info.update(weights=COMPRESSED_WEIGHTS, sparse_modules=sparse, dense_modules=dense, tied=tied)
+        if factorized:
+            info["factorized_modules"] = factorized
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         dtype = getattr(model, "dtype", None)
@@ -373,9 +449,11 @@ def save_pretrained(
         info.update(weights=_HF_WEIGHTS[0])
 
     with _atomic_dir(out_dir, overwrite, where) as tmp:
-        if compress:
-            save_tensors(sd, tmp / COMPRESSED_WEIGHTS,
-                         {"format": _WEIGHTS_FORMAT, "version": _VERSION, "sparse_modules": sorted(sparse)})
+        if own_file:
+            header = {"format": _WEIGHTS_FORMAT, "version": info["version"], "sparse_modules": sorted(sparse)}
+            if factorized:
+                header["factorized_modules"] = sorted(factorized)
+            save_tensors(sd, tmp / COMPRESSED_WEIGHTS, header)
             config.save_pretrained(tmp)
             gen = getattr(model, "generation_config", None)
             can_generate = getattr(model, "can_generate", lambda: False)
@@ -473,8 +551,14 @@ def _load_compressed(path: Path, info: dict) -> nn.Module:
         )
     sparse = info.get("sparse_modules")
     tied = info.get("tied", {})
-    if not isinstance(sparse, dict) or not isinstance(tied, dict):
-        raise ValueError(f"{where}: {SEMISPARSE_JSON}: 'sparse_modules' and 'tied' must be JSON objects")
+    factorized = info.get("factorized_modules", {})
+    if not isinstance(sparse, dict) or not isinstance(tied, dict) or not isinstance(factorized, dict):
+        raise ValueError(
+            f"{where}: {SEMISPARSE_JSON}: 'sparse_modules', 'tied' and 'factorized_modules' must be JSON objects"
+        )
+    both = sorted(set(sparse) & set(factorized))
+    if both:
+        raise ValueError(f"{where}: {SEMISPARSE_JSON} lists {both} both as sparse and as factorised modules")
     tensors, header = load_tensors(weights)
     if header.get("format") != _WEIGHTS_FORMAT:
         raise ValueError(
@@ -520,6 +604,10 @@ def _load_compressed(path: Path, info: dict) -> nn.Module:
             setattr(new, _SOURCE_ATTR, spec["source"])
         _set_tensor_module(model, name, new)
 
+    for name, spec in factorized.items():
+        _set_tensor_module(model, name, _factorized_module(model, name, spec, where))
+    _check_factorized_tensors(model, factorized, tensors, weights.name, where)
+
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(tensors) - set(tied))
     unexpected = sorted(set(tensors) - expected)
@@ -540,6 +628,88 @@ def _load_compressed(path: Path, info: dict) -> nn.Module:
     return model
 
 
+def _factorized_module(model: nn.Module, name: str, spec, where: str) -> nn.Module:
+    """An empty (meta) DenseSparseLinear / LowRankLinear for the ``factorized_modules``
+    entry ``spec`` of module ``name``, in the recorded state, after checking that the
+    entry is well formed and fits the ``nn.Linear`` of the model built from config.json."""
+    what = f"{where}: {SEMISPARSE_JSON}: factorized_modules[{name!r}]"
+
+    def need(key, kind, expected, default=None):
+        v = spec.get(key, default)
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
+            raise ValueError(f"{what}: {key!r} must be {expected}, got {v!r}")
+        return v
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"{what} must be a JSON object, got {spec!r}")
+    cls = spec.get("class")
+    if cls not in ("DenseSparseLinear", "LowRankLinear"):
+        raise ValueError(f"{what}: 'class' must be 'DenseSparseLinear' or 'LowRankLinear', got {cls!r}")
+    in_f = need("in_features", int, "a positive integer")
+    out_f = need("out_features", int, "a positive integer")
+    bias = need("bias", bool, "true or false")
+    if in_f < 1 or out_f < 1:
+        raise ValueError(f"{what}: in_features and out_features must be positive, got {in_f} and {out_f}")
+    if spec.get("source", "Linear") != "Linear":
+        raise ValueError(f"{what}: 'source' must be 'Linear' (only nn.Linear layers are factorised), "
+                         f"got {spec.get('source')!r}")
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: {SEMISPARSE_JSON} lists {name!r}, which the model built from config.json lacks") from None
+    if type(old) is not nn.Linear:
+        raise ValueError(f"{where}: module {name!r} is a {type(old).__name__} in the config's model; "
+                         f"only nn.Linear layers can be {cls}")
+    if (old.out_features, old.in_features) != (out_f, in_f):
+        raise ValueError(
+            f"{where}: module {name!r} is {old.out_features}x{old.in_features} (out x in) in the config's model, "
+            f"{out_f}x{in_f} in {SEMISPARSE_JSON}"
+        )
+    if cls == "LowRankLinear":
+        rank = need("rank", int, "a positive integer")
+        try:
+            return _lowrank_type()(in_f, out_f, rank, bias=bias, device="meta")
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    k = need("k", int, "a positive integer")
+    pattern = need("pattern", str, "an 'N:M' string")
+    state = spec.get("state")
+    if state not in _DS_STATES:
+        raise ValueError(f"{what}: 'state' must be one of {', '.join(repr(x) for x in _DS_STATES)}, got {state!r}")
+    frozen = need("mask_frozen", bool, "true or false", default=False)
+    try:
+        n, m = _parse_nm(pattern)
+        if state == "compressed" and (n, m) != (2, 4):
+            raise ValueError(f"state 'compressed' needs pattern 2:4 (the sparse kernel), got {pattern!r}")
+        if state == "compressed" and frozen:
+            raise ValueError("mask_frozen is true but the state is 'compressed' (whose mask is always fixed)")
+        mod = DenseSparseLinear(in_f, out_f, k, pattern=pattern, bias=bias, device="meta")
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if state == "compressed":
+        mod._to_compressed()
+    else:
+        mod._to_training(frozen=frozen)
+    return mod
+
+
+def _check_factorized_tensors(model, factorized: dict, tensors: dict, file: str, where: str) -> None:
+    """Each factorised module's tensors in the weights file are exactly those of its recorded
+    state (a clear error naming the state and the expected tensors otherwise)."""
+    for name, spec in factorized.items():
+        mod = model.get_submodule(name)
+        prefix = f"{name}."
+        expected = sorted(mod.state_dict().keys())
+        have = sorted(k[len(prefix):] for k in tensors if k.startswith(prefix))
+        if have != expected:
+            state = spec["class"] if spec["class"] == "LowRankLinear" else (
+                f"DenseSparseLinear state {spec['state']!r}" + (", mask frozen" if spec.get("mask_frozen") else ""))
+            raise ValueError(
+                f"{where}: {SEMISPARSE_JSON} says {name!r} is a {state}, stored as {expected}, "
+                f"but {file} holds {have or 'nothing'} for it"
+            )
+
+
 def _set_tensor_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -557,9 +727,10 @@ def load_pretrained(
     * A folder without ``semisparse.json``, or saved with ``compress=False``: loaded by
       ``transformers`` (``from_pretrained``, local files only, safetensors only: a folder
       holding only ``pytorch_model.bin`` is refused, pickles are never loaded).
-    * A compressed folder: the model is rebuilt from ``config.json`` (the class named by
-      its ``architectures``, else AutoModelForCausalLM / AutoModel), the modules listed in
-      ``semisparse.json`` become SparseLinear, and every tensor of
+    * A compressed folder, or one with factorised layers: the model is rebuilt from
+      ``config.json`` (the class named by its ``architectures``, else AutoModelForCausalLM
+      / AutoModel), the modules listed in ``semisparse.json`` become SparseLinear,
+      DenseSparseLinear (in the recorded state) or LowRankLinear, and every tensor of
       ``model.sparse24.safetensors`` is loaded strictly (nothing missing but the recorded
       tied tensors, nothing unexpected); tied tensors are tied again.
 
@@ -585,7 +756,7 @@ def load_pretrained(
     except ImportError:
         raise ImportError(f"{where}: loading a model folder needs transformers (pip install transformers)") from None
 
-    if info is not None and info.get("compressed"):
+    if info is not None and (info.get("compressed") or info.get("factorized_modules")):
         model = _load_compressed(path, info)
     else:
         if not any((path / f).is_file() for f in _HF_WEIGHTS):
