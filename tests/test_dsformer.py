@@ -277,3 +277,30 @@ def test_train_stf_resume_after_mask_freeze_is_exact(tmp_path):
     assert len(masks) == 14 and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_train_stf_ddp_two_gloo_ranks_identical(tmp_path):
+    """train_stf under torchrun (DDP, 2 gloo ranks): both ranks end with the same masks,
+    factors and compressed values, and the loss goes down."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "train_scripts" / "dsformer_run.py"), "--out", str(tmp_path), "--strategy", "ddp"]
+    p = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and sum(k.endswith(".values") for k in r0) == 14
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    meta = json.loads((tmp_path / "ckpt" / "step-00000006" / "trainer.json").read_text())
+    assert meta["world_size"] == 2
+    losses = [h["loss"] for h in json.loads((tmp_path / "rank0.json").read_text())["history"] if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
