@@ -90,7 +90,8 @@ def test_factorise_only_writes_a_loadable_folder(llama_dir, tmp_path, capsys):
     assert info["version"] == 2 and info["method"] == "dsformer" and info["pattern"] == "2:4"
     spec = info["factorized_modules"]["model.layers.0.mlp.down_proj"]
     assert spec == {"class": "DenseSparseLinear", "in_features": 64, "out_features": 32, "bias": False,
-                    "k": report.layers["model.layers.0.mlp.down_proj"].k, "pattern": "2:4", "state": "compressed",
+                    "k": report.layers["model.layers.0.mlp.down_proj"].k, "blocks": 1, "pattern": "2:4",
+                    "state": "compressed",
                     "mask_frozen": False, "source": "Linear"}
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["compression"] == pytest.approx(report.compression) and len(rep["layers"]) == 14
@@ -354,3 +355,122 @@ def test_factorised_with_sparse_linear(llama_dir, tmp_path, compress):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
     if compress:
         assert torch.equal(logits(loaded), logits(model))
+
+
+# ------------------------------------------------------- per-row-block bases
+def _blocked(llama_dir, state: str, blocks: int):
+    model = _dense(llama_dir)
+    dsformer.factorize(model, k=4, blocks=blocks, iters=1)  # with 4 blocks k/v_proj (16 rows) do not compress
+    if state == "stf":
+        with torch.no_grad():
+            for m in dsformer.dense_sparse_layers(model).values():
+                m.S_latent.add_(0.01 * torch.randn_like(m.S_latent))
+    elif state == "frozen":
+        dsformer.freeze_masks(model)
+    elif state == "compressed":
+        dsformer.export(model)
+    return model
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+@pytest.mark.parametrize("state", ["stf", "frozen", "compressed"])
+def test_blocks_save_load_round_trip(llama_dir, tmp_path, state, blocks):
+    model = _blocked(llama_dir, state, blocks).eval()
+    layers = dsformer.dense_sparse_layers(model)
+    assert len(layers) == (14 if blocks == 2 else 10) and all(m.blocks == blocks for m in layers.values())
+    save_pretrained(model, tmp_path / "m")
+    specs = info_of(tmp_path / "m")["factorized_modules"]
+    assert {n: s["blocks"] for n, s in specs.items()} == {n: blocks for n in layers}
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    got = dsformer.dense_sparse_layers(loaded)
+    assert got.keys() == layers.keys()
+    for name, mod in got.items():
+        ref = layers[name]
+        assert (mod.blocks, mod.k, mod.compressed, mod.mask_frozen) == (blocks, 4, ref.compressed, ref.mask_frozen)
+        assert torch.equal(mod.D, ref.D) and mod.D.shape == (blocks * 4, ref.in_features)
+        assert torch.equal(mod.current_mask(), ref.current_mask())
+        if not mod.compressed:
+            assert torch.equal(mod.S_latent, ref.S_latent)
+
+
+def test_blocks_missing_from_json_reads_as_1_and_broken_blocks(llama_dir, tmp_path):
+    model = _blocked(llama_dir, "compressed", 1)
+    save_pretrained(model, tmp_path / "one")
+    info_path = tmp_path / "one" / SEMISPARSE_JSON
+    info = info_of(tmp_path / "one")
+    for spec in info["factorized_modules"].values():
+        assert spec.pop("blocks") == 1  # as written before row blocks existed
+    info_path.write_text(json.dumps(info))
+    loaded = load_pretrained(tmp_path / "one")
+    assert all(m.blocks == 1 for m in dsformer.dense_sparse_layers(loaded).values())
+    assert torch.equal(logits(loaded), logits(model))
+
+    name = "model.layers.0.mlp.up_proj"  # 64 x 32
+
+    def broken(value, match):
+        bad = json.loads(json.dumps(info))
+        bad["factorized_modules"][name]["blocks"] = value
+        info_path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_pretrained(tmp_path / "one")
+
+    broken(3, r"factorized_modules\['model.layers.0.mlp.up_proj'\]: DenseSparseLinear: blocks=3 does not divide "
+              r"out_features=64")
+    broken(0, r"blocks must be a positive integer .* got 0")
+    broken("2", r"'blocks' must be a positive integer, got '2'")
+    broken(True, r"'blocks' must be a positive integer, got True")
+    broken(2, r"does not fit the model built from config.json")  # D stored [k, in], expected [2k, in]
+
+
+def test_cli_blocks(llama_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert prune(llama_dir, out, "--method", "dsformer", "--blocks", "2", "--compression", "1.5",
+                 "--report", str(tmp_path / "r.json")) == 0
+    printed = capsys.readouterr().out
+    assert "2x" in printed and "B row blocks" in printed
+    ref = _dense(llama_dir)
+    report = dsformer.factorize(ref, compression=1.5, blocks=2)
+    dsformer.export(ref)
+    loaded = load_pretrained(out)
+    mods = proj_modules(loaded)
+    assert len(mods) == 14 and all(isinstance(m, DenseSparseLinear) and m.compressed and m.blocks == 2
+                                   for m in mods.values())
+    assert torch.equal(logits(loaded), logits(ref))
+    info = info_of(out)
+    assert info["metadata"]["blocks"] == 2
+    assert all(s["blocks"] == 2 for s in info["factorized_modules"].values())
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["blocks"] == 2 and all(layer["blocks"] == 2 for layer in rep["layers"])
+    assert rep["params_after"] == report.params_after
+    # one basis per attention head: q/o 4 heads, k/v 2 key-value heads, the MLP one basis
+    out = tmp_path / "h"
+    assert prune(llama_dir, out, "--method", "dsformer", "--blocks", "heads", "--compression", "1.5") == 0
+    got = {n.split(".")[-1]: m.blocks for n, m in proj_modules(load_pretrained(out)).items()}
+    assert got == {"q_proj": 4, "k_proj": 2, "v_proj": 2, "o_proj": 4, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--method", "dsformer", "--blocks", "0"], "--blocks must be a positive integer (row blocks per layer"),
+        (["--method", "dsformer", "--blocks", "two"], "--blocks must be a positive integer"),
+        (["--method", "dsformer", "--blocks", "-2"], "--blocks must be a positive integer"),
+        (["--method", "lowrank", "--blocks", "2"], "--blocks is for --method dsformer"),
+        (["--method", "magnitude", "--blocks", "2"], "are for --method dsformer / lowrank"),
+    ],
+)
+def test_cli_bad_blocks(llama_dir, tmp_path, capsys, args, msg):
+    out = tmp_path / "o"
+    assert prune(llama_dir, out, *args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("semisparse prune: error:") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_blocks_dividing_no_layer(llama_dir, tmp_path, capsys):
+    assert prune(llama_dir, tmp_path / "o", "--method", "dsformer", "--blocks", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("semisparse prune: error: factorize: no selected layer can be factorised")
+    assert "'model.layers.0.mlp.up_proj': 'blocks=3 does not divide out_features=64'" in err
+    assert not (tmp_path / "o").exists()

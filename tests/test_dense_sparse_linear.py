@@ -312,3 +312,271 @@ def test_from_linear_bad_args():
         DenseSparseLinear.from_linear(lin, k=16, init="nope")
     with pytest.raises(TypeError):
         DenseSparseLinear.from_linear(nn.Conv1d(2, 2, 1), k=16)
+
+
+# ------------------------------------------------------- per-row-block bases
+def _bmod(blocks, in_f=32, out_f=24, k=8, pattern="2:4", bias=True, seed=0, dtype=None):
+    torch.manual_seed(seed)
+    return DenseSparseLinear(in_f, out_f, k, pattern=pattern, bias=bias, blocks=blocks, dtype=dtype)
+
+
+def _block_weight(s, D, blocks):
+    """W = blockdiag(S_0, ..., S_{B-1}) @ D, built independently of the module."""
+    r, k = s.shape[0] // blocks, s.shape[1]
+    return torch.block_diag(*[s[b * r:(b + 1) * r] for b in range(blocks)]) @ D.reshape(blocks * k, -1)
+
+
+def _bref(mod, x):
+    s = mod.S_latent.detach() * mod.current_mask()
+    y = x @ _block_weight(s, mod.D.detach(), mod.blocks).T
+    return y if mod.bias is None else y + mod.bias.detach()
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocks_shapes_and_param_counts(blocks):
+    mod = _bmod(blocks)
+    assert mod.blocks == blocks and mod.k == 8
+    assert mod.D.shape == (blocks * 8, 32) and mod.S_latent.shape == (24, 8) and mod.bias.shape == (24,)
+    assert mod(torch.randn(5, 32)).shape == (5, 24) and mod(torch.randn(2, 3, 32)).shape == (2, 3, 24)
+    assert mod(torch.randn(32)).shape == (24,)
+    assert dense_sparse_params(24, 32, 8, blocks=blocks) == blocks * 8 * 32 + 24 * 4
+    assert dense_sparse_params(24, 32, 8, bias=True, blocks=blocks) == blocks * 8 * 32 + 24 * 4 + 24
+    assert mod.num_params() == blocks * 8 * 32 + 24 * 4 + 24
+    assert mod.num_params() == sum(p.numel() for p in mod.parameters()) - 24 * 4  # S_latent holds 2x the kept entries
+    assert f"blocks={blocks}" in repr(mod)
+    mod.compress()
+    assert mod.values.shape == (24, 4) and mod.meta.shape == (24, 1) and mod.D.shape == (blocks * 8, 32)
+    assert mod.num_params() == sum(p.numel() for p in mod.parameters())
+    # the budget counts every basis
+    for out_f, in_f, c in ((256, 256, 2), (512, 128, 2), (256, 256, 3.5)):
+        kb = k_for_compression(out_f, in_f, c, blocks=blocks)
+        assert kb % 4 == 0 and kb < k_for_compression(out_f, in_f, c)
+        p = dense_sparse_params(out_f, in_f, kb, blocks=blocks)
+        assert p <= out_f * in_f / c < dense_sparse_params(out_f, in_f, kb + 4, blocks=blocks)
+    assert k_for_compression(256, 256, 2, blocks=4) == 28  # 28 * (4*256 + 128) = 32256 <= 32768 < 32 * 1152
+    assert DenseSparseLinear.from_linear(nn.Linear(256, 256), compression=2, blocks=4, iters=0).k == 28
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_blocks_forward_is_block_diagonal_composition_both_states(blocks, bias):
+    mod = _bmod(blocks, bias=bias)
+    x = torch.randn(2, 5, 32)
+    s = mod.sparse_factor().detach()
+    w = _block_weight(s, mod.D.detach(), blocks)
+    r = 24 // blocks
+    for b in range(blocks):  # row block b uses basis b only
+        torch.testing.assert_close(w[b * r:(b + 1) * r], s[b * r:(b + 1) * r] @ mod.D.detach()[b * 8:(b + 1) * 8])
+    torch.testing.assert_close(mod.to_dense_weight().detach(), w, rtol=1e-5, atol=1e-6)
+    y_train = mod(x).detach()
+    torch.testing.assert_close(y_train, _bref(mod, x), rtol=1e-5, atol=1e-5)
+    lin = mod.to_linear()
+    torch.testing.assert_close(lin(x).detach(), y_train, rtol=1e-5, atol=1e-5)
+    mod.compress()
+    assert mod.compressed and mod.S_latent is None
+    torch.testing.assert_close(mod.sparse_factor().detach(), s)
+    torch.testing.assert_close(mod.to_dense_weight().detach(), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mod(x).detach(), y_train, rtol=1e-5, atol=1e-5)  # compress() preserves outputs
+    torch.testing.assert_close(mod.to_linear()(x).detach(), y_train, rtol=1e-5, atol=1e-5)
+    mod(x).square().sum().backward()
+    assert mod.values.grad is not None and mod.D.grad is not None
+    # the gradient of values is the masked dL/dS, block by block
+    assert bool(mod.values.grad.ne(0).any()) and mod.D.grad.shape == (blocks * 8, 32)
+
+
+def test_blocks_other_pattern_masked_dense():
+    mod = _bmod(3, out_f=24, k=16, pattern="1:4")
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(mod(x), _bref(mod, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2:4"):
+        mod.compress()
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocks_straight_through_gradient(blocks):
+    mod = _bmod(blocks)
+    x = torch.randn(9, 32)
+    mask = nm_mask(mod.S_latent.detach().abs(), 2, 4)
+    s = (mod.S_latent.detach() * mask).requires_grad_(True)
+    D = mod.D.detach().clone().requires_grad_(True)
+    y_ref = x @ _block_weight(s, D, blocks).T + mod.bias.detach()
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (mod(x) * g).sum().backward()
+    torch.testing.assert_close(mod.S_latent.grad, s.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.D.grad, D.grad, rtol=1e-5, atol=1e-5)
+    assert bool((mod.S_latent.grad[~mask] != 0).all())  # pruned entries get dL/dS too
+    # frozen mask: pruned entries get no gradient
+    mod.zero_grad()
+    mod.freeze_mask()
+    mod(x).square().sum().backward()
+    assert bool((mod.S_latent.grad[~mask] == 0).all()) and bool((mod.S_latent.grad[mask] != 0).any())
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_blocks_gradcheck_training_state(blocks):
+    from torch.func import functional_call
+
+    mod = _bmod(blocks, dtype=torch.float64)
+    x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    D = mod.D.detach().clone().requires_grad_(True)
+    S = mod.S_latent.detach().clone().requires_grad_(True)
+    b = mod.bias.detach().clone().normal_().requires_grad_(True)
+    # STF (mask recomputed each forward): the straight-through gradient of S_latent is not the
+    # derivative of the forward, so S is held fixed; x, D and the bias are checked
+    assert torch.autograd.gradcheck(
+        lambda x, D, b: functional_call(mod, {"D": D, "S_latent": S.detach(), "bias": b}, (x,)), (x, D, b))
+    # frozen mask: the forward is smooth in every argument, S_latent included
+    mod.freeze_mask()
+    assert torch.autograd.gradcheck(
+        lambda x, D, S, b: functional_call(mod, {"D": D, "S_latent": S, "bias": b}, (x,)), (x, D, S, b))
+    assert torch.autograd.gradgradcheck(
+        lambda x, D, S, b: functional_call(mod, {"D": D, "S_latent": S, "bias": b}, (x,)), (x, D, S, b))
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocks_torch_compile_training_and_compressed(blocks):
+    torch._dynamo.reset()
+    mod = _bmod(blocks)
+    x = torch.randn(2, 6, 32)
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    y_c = compiled(x)
+    torch.testing.assert_close(y_c, mod(x), rtol=1e-5, atol=1e-5)
+    y_c.square().sum().backward()
+    params = (mod.D, mod.S_latent, mod.bias)
+    g_c = [p.grad.clone() for p in params]
+    mod.zero_grad()
+    mod(x).square().sum().backward()
+    for gc, p in zip(g_c, params):
+        torch.testing.assert_close(gc, p.grad, rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    mod.zero_grad()
+    mod.compress()
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    y_c = compiled(x)
+    torch.testing.assert_close(y_c, mod(x), rtol=1e-5, atol=1e-5)
+    y_c.square().sum().backward()
+    params = (mod.D, mod.values, mod.bias)
+    g_c = [p.grad.clone() for p in params]
+    mod.zero_grad()
+    mod(x).square().sum().backward()
+    for gc, p in zip(g_c, params):
+        torch.testing.assert_close(gc, p.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["svd", "data"])
+def test_blocks_from_linear_factorises_each_block(init):
+    torch.manual_seed(4)
+    lin = nn.Linear(32, 24)
+    X = torch.randn(200, 32) * torch.logspace(-1, 1, 32)
+    H = gram(X)
+    kw = {"init": init, "iters": 3, "calib_gram": H if init == "data" else None}
+    plain = DenseSparseLinear.from_linear(lin, k=8, **kw)
+    assert plain.blocks == 1 and plain.init_error == min(plain.init_errors)
+    mod = DenseSparseLinear.from_linear(lin, k=8, blocks=4, **kw)
+    assert mod.blocks == 4 and mod.D.shape == (32, 32)
+    W = lin.weight.detach()
+    for b in range(4):
+        wb = W[b * 6:(b + 1) * 6]
+        res = init_svd_alternating(wb, 8, iters=3) if init == "svd" else init_data_aware(wb, H, 8, iters=3, is_gram=True)
+        torch.testing.assert_close(mod.D[b * 8:(b + 1) * 8].detach(), res.D)
+        torch.testing.assert_close(mod.S_latent[b * 6:(b + 1) * 6].detach(), res.S)
+    torch.testing.assert_close(mod.bias.detach(), lin.bias.detach())
+    # init_error: the whole W's relative error (X-weighted under the damped Gram for "data")
+    from semisparse.dsformer.init import damped_gram
+
+    Hd = damped_gram(H, 0.01) if init == "data" else None
+    W_ds = mod.to_dense_weight().detach().double()
+    err = relative_error(W, W_ds, torch.eye(32, dtype=torch.float64), Hd)
+    assert mod.init_error == pytest.approx(err, rel=1e-4, abs=1e-7)
+    assert mod.init_error <= min(mod.init_errors) + 1e-12 and len(mod.init_errors) == 4
+    # 4 bases of k=8 for 6-row blocks fit W better than one (and exactly with svd: rank 6 <= 8)
+    assert mod.init_error < 0.5 * plain.init_error
+    if init == "svd":
+        assert mod.init_error < 1e-5
+
+
+def test_blocks_1_is_unchanged():
+    x = torch.randn(4, 32)
+    a, b = _mod(seed=7), _bmod(1, k=16, seed=7)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert list(sd_a) == list(sd_b) == ["D", "S_latent", "bias"]
+    assert all(torch.equal(sd_a[k], sd_b[k]) and sd_a[k].shape == sd_b[k].shape for k in sd_a)
+    assert a.D.shape == (16, 32) and repr(a) == repr(b) and "blocks" not in repr(a)
+    assert torch.equal(a(x), b(x))
+    lin = nn.Linear(32, 24)
+    f0, f1 = DenseSparseLinear.from_linear(lin, k=16, iters=2), DenseSparseLinear.from_linear(lin, k=16, iters=2, blocks=1)
+    assert torch.equal(f0.D, f1.D) and torch.equal(f0.S_latent, f1.S_latent) and f0.init_errors == f1.init_errors
+    assert dense_sparse_params(24, 32, 16) == dense_sparse_params(24, 32, 16, blocks=1)
+    assert k_for_compression(256, 256, 2) == k_for_compression(256, 256, 2, blocks=1) == 84
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocks_state_dict_and_file_round_trip(tmp_path, blocks):
+    import json
+
+    from semisparse.io import load_tensors, save_tensors
+
+    x = torch.randn(3, 32)
+    for state in ("training", "frozen", "compressed"):
+        mod = _bmod(blocks, seed=1)
+        if state == "frozen":
+            mod.freeze_mask()
+        elif state == "compressed":
+            mod.compress()
+        y = mod(x).detach()
+        other = _bmod(blocks, seed=9)
+        other.load_state_dict(mod.state_dict(), strict=True)
+        torch.testing.assert_close(other(x), y)
+        p = tmp_path / f"{state}.safetensors"
+        mod.save(p)
+        tensors, header = load_tensors(p)
+        assert header["blocks"] == blocks and tuple(tensors["D"].shape) == (blocks * 8, 32)
+        got = DenseSparseLinear.load(p)
+        assert (got.blocks, got.k, got.compressed, got.mask_frozen) == (blocks, 8, mod.compressed, mod.mask_frozen)
+        torch.testing.assert_close(got(x), y)
+    # a state dict of another block count does not load
+    with pytest.raises(RuntimeError, match="size mismatch for D"):
+        _bmod(1).load_state_dict(_bmod(blocks).state_dict())
+    # a file written before row blocks existed (no "blocks" in its header) loads with blocks=1
+    mod = _mod()
+    p = tmp_path / "old.safetensors"
+    mod.save(p)
+    tensors, header = load_tensors(p)
+    del header["blocks"]
+    save_tensors(tensors, p, header)
+    got = DenseSparseLinear.load(p)
+    assert got.blocks == 1
+    torch.testing.assert_close(got(x), mod(x))
+    assert "blocks" not in json.dumps(load_tensors(p)[1])
+
+
+@pytest.mark.parametrize("blocks, match", [
+    (5, r"blocks=5 does not divide out_features=24 \(the 24 output rows are split into 5 equal"),
+    (48, r"blocks=48 does not divide out_features=24"),
+    (0, r"blocks must be a positive integer .* got 0"),
+    (-2, r"blocks must be a positive integer .* got -2"),
+    (True, r"blocks must be a positive integer .* got True"),
+    (2.0, r"blocks must be a positive integer .* got 2.0"),
+    ("heads", r"blocks must be a positive integer .* got 'heads'"),
+])
+def test_blocks_bad_input(blocks, match):
+    with pytest.raises(ValueError, match=r"DenseSparseLinear: " + match):
+        DenseSparseLinear(32, 24, 8, blocks=blocks)
+    with pytest.raises(ValueError, match=r"DenseSparseLinear.from_linear: " + match):
+        DenseSparseLinear.from_linear(nn.Linear(32, 24), k=8, blocks=blocks)
+    with pytest.raises(ValueError, match=r"k_for_compression: " + match):
+        k_for_compression(24, 32, 2, blocks=blocks)
+
+
+def test_blocks_budget_messages():
+    # 256x256 at 2x with 4 bases: k=28 needs 28 * (4*256 + 128) = 32256 <= 32768, k=32 needs 36864
+    with pytest.raises(ValueError, match=r"k=32 needs 36864 parameters \(D 4x8192 = 32768 \+ kept S 4096\), more than "
+                                         r"the budget 32768\.0 .* use k <= 28"):
+        DenseSparseLinear.from_linear(nn.Linear(256, 256), k=32, compression=2, blocks=4)
+    with pytest.raises(ValueError, match=r"k=18 is not a multiple of M=4.*nearest valid k \(k per row block, 2 blocks\) "
+                                         r"-> parameters: k=16: 1216, k=20: 1520"):
+        DenseSparseLinear(32, 24, 18, blocks=2)
+    with pytest.raises(ValueError, match=r"even k=4 per row block \(8 blocks\) needs"):
+        k_for_compression(64, 64, 2, blocks=8)

@@ -304,3 +304,109 @@ def test_train_stf_ddp_two_gloo_ranks_identical(tmp_path):
     assert meta["world_size"] == 2
     losses = [h["loss"] for h in json.loads((tmp_path / "rank0.json").read_text())["history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+# ------------------------------------------------------- per-row-block bases
+def _llama_gqa(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_factorize_blocks_int_budget_and_skips():
+    from semisparse.dsformer import dense_sparse_params
+
+    model = _mlp()
+    x = torch.randn(8, 64)
+    rep = factorize(model, compression=2.0, blocks=4, iters=2)
+    # out=10 is not a multiple of 4: the head-like last layer is skipped with the reason
+    assert set(rep.layers) == {"0", "2"} and type(model[4]) is nn.Linear
+    assert rep.skipped == {"4": "blocks=4 does not divide out_features=10"}
+    _budget_ok(rep, 2.0)
+    for name, v in rep.layers.items():
+        mod = model.get_submodule(name)
+        out_f, in_f = v.shape
+        assert isinstance(mod, DenseSparseLinear) and mod.blocks == v.blocks == 4 and mod.k == v.k
+        assert mod.D.shape == (4 * v.k, in_f)
+        assert v.params_after == dense_sparse_params(out_f, in_f, v.k, bias=True, blocks=4)
+        assert dense_sparse_params(out_f, in_f, v.k + 4, blocks=4) > out_f * in_f / 2.0  # the largest k
+        assert v.init_error == pytest.approx(mod.init_error)
+    # the model count agrees with the report (S_latent holds twice the kept 2:4 entries)
+    latent_extra = sum(model.get_submodule(n).S_latent.numel() // 2 for n in rep.layers)
+    assert rep.model_params_after == sum(p.numel() for p in model.parameters())
+    assert rep.model_params_before - rep.params_before + rep.params_after + latent_extra == rep.model_params_after
+    assert "4x" in rep.table() and "B row blocks" in rep.table()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    # a fixed k: the check that it compresses counts every basis (k=28 on the 128x64 layer:
+    # 28*64 + 128*14 = 3584 weights with one basis, 4*28*64 + 1792 = 8960 > 8192 with 4)
+    rep = factorize(_mlp(), k=16, blocks=4, targets=["0"])
+    assert list(rep.layers) == ["0"] and rep.layers["0"].k == 16
+    assert rep.layers["0"].params_after == dense_sparse_params(128, 64, 16, bias=True, blocks=4) == 4 * 1024 + 1024 + 128
+    assert list(factorize(_mlp(), k=28, targets=["0"]).layers) == ["0"]
+    with pytest.raises(ValueError, match=r"no selected layer can be factorised.*k=28 with 4 row blocks would not "
+                                         r"compress it: 8960 weights >= dense 8192"):
+        factorize(_mlp(), k=28, blocks=4, targets=["0"])
+    with pytest.raises(ValueError, match=r"blocks=3 does not divide out_features=128"):
+        factorize(_mlp(), blocks=3, targets=["0"])
+
+
+def test_factorize_blocks_1_report_unchanged():
+    a, b = _mlp(), _mlp()
+    ra, rb = factorize(a, compression=2.0, iters=1), factorize(b, compression=2.0, iters=1, blocks=1)
+    assert ra.table() == rb.table() and "row blocks" not in ra.table()
+    assert all(v.blocks == 1 for v in ra.layers.values())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_factorize_blocks_heads_llama_gqa():
+    model = _llama_gqa()
+    dense = copy.deepcopy(model)
+    rep = factorize(model, compression=2.0, blocks="heads", iters=1)
+    assert len(rep.layers) == 14 and not rep.skipped
+    for name, v in rep.layers.items():
+        leaf = name.split(".")[-1]
+        want = {"q_proj": 4, "o_proj": 4, "k_proj": 2, "v_proj": 2}.get(leaf, 1)
+        assert v.blocks == model.get_submodule(name).blocks == want, name
+    _budget_ok(rep, 2.0)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        lg, lgd = model(ids).logits, dense(ids).logits
+    assert torch.isfinite(lg).all() and float((lg - lgd).norm() / lgd.norm()) < 1.0
+    with pytest.raises(ValueError, match="blocks='heads' needs a model config with num_attention_heads"):
+        factorize(_mlp(), blocks="heads")
+    for bad in (0, -1, 2.5, True, "head", "4"):
+        with pytest.raises(ValueError, match="blocks must be a positive integer or 'heads'"):
+            factorize(_mlp(), blocks=bad)
+
+
+def test_factorize_blocks_data_init_error_is_x_weighted():
+    from semisparse.dsformer.init import damped_gram
+
+    X = _anisotropic()
+    base = nn.Sequential(nn.Linear(64, 64))
+    model = copy.deepcopy(base)
+    rep = factorize(model, compression=2.0, init="data", calib=[X], blocks=4, iters=3)
+    H = collect_grams(base, ["0"], [X])["0"]
+    mod = model[0]
+    err = relative_error(base[0].weight, mod.to_dense_weight().detach(), torch.eye(64), damped_gram(H, 0.01))
+    assert rep.layers["0"].init_error == pytest.approx(err, rel=1e-4)
+
+
+def test_train_stf_and_export_with_blocks():
+    model = _llama_gqa()
+    factorize(model, compression=2.0, blocks="heads", iters=1)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(2)]
+    res = train_stf(model, data, _cfg(6), freeze_mask_steps=2, compress=False)
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    ids = data[0]
+    with torch.no_grad():
+        before = model(ids).logits
+        names = export(model)
+        after = model(ids).logits
+    assert len(names) == 14 and model.model.layers[0].self_attn.k_proj.blocks == 2
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)

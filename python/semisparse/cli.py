@@ -166,8 +166,8 @@ def _cmd_prune(a) -> int:
     if a.method in _FACTORIZE_METHODS:
         return _prune_factorize(a, device, dtype)
     if a.k is not None or a.compression is not None or a.init is not None or a.distill is not None \
-            or a.freeze_mask_steps is not None:
-        raise UsageError(f"--k, --compression, --init, --distill and --freeze-mask-steps are for --method "
+            or a.freeze_mask_steps is not None or a.blocks is not None:
+        raise UsageError(f"--k, --compression, --init, --blocks, --distill and --freeze-mask-steps are for --method "
                          f"dsformer / lowrank, not {a.method}")
     if a.pattern is None:
         a.pattern = "2:4"
@@ -322,7 +322,10 @@ def _factorize_options(a) -> dict:
             raise UsageError(f"--method lowrank is initialised by truncated SVD; --init {a.init} is for dsformer")
         if a.freeze_mask_steps is not None:
             raise UsageError("--freeze-mask-steps is for --method dsformer (low-rank factors have no mask)")
-        pattern, init = None, "svd"
+        if a.blocks is not None:
+            raise UsageError("--blocks is for --method dsformer (per-row-block bases of D; a low-rank layer has one "
+                             f"basis), got --blocks {a.blocks}")
+        pattern, init, blocks = None, "svd", 1
     else:
         pattern = "2:4" if a.pattern is None else a.pattern
         try:
@@ -338,6 +341,12 @@ def _factorize_options(a) -> dict:
             raise UsageError("--init data needs --calib (the text whose activations weight the factorisation)")
         if a.k is not None and (a.k < 1 or a.k % m):
             raise UsageError(f"--k must be a positive multiple of M={m} (S is {pattern} sparse along k), got {a.k}")
+        blocks = 1 if a.blocks is None else a.blocks.strip()
+        if blocks != 1 and blocks != "heads":
+            if not blocks.isdigit() or int(blocks) < 1:
+                raise UsageError(f"--blocks must be a positive integer (row blocks per layer, each with its own "
+                                 f"basis) or 'heads', got {a.blocks!r}")
+            blocks = int(blocks)
     if a.steps == 0:
         for value, flag in ((a.distill, "--distill"), (a.freeze_mask_steps, "--freeze-mask-steps"),
                             (a.checkpoint_dir, "--checkpoint-dir"), (a.eval_every, "--eval-every")):
@@ -355,17 +364,17 @@ def _factorize_options(a) -> dict:
                 raise UsageError(f"--freeze-mask-steps must be in [0, --steps {a.steps}], got {a.freeze_mask_steps}")
         _train_config(a, a.method)  # bad --lr, --grad-accum, ...: fail before the model is loaded
     compression = None if a.k is not None else (a.compression if a.compression is not None else 2.0)
-    return {"pattern": pattern, "init": init, "k": a.k, "compression": compression,
+    return {"pattern": pattern, "init": init, "k": a.k, "compression": compression, "blocks": blocks,
             "distill": a.distill or 0.0, "freeze_mask_steps": a.freeze_mask_steps or 0}
 
 
 def _factorize_report_json(report, a, opts, train_info) -> dict:
     return {
         "method": a.method, "model": a.model, "pattern": opts["pattern"], "init": opts["init"],
-        "compression_target": opts["compression"], "k": opts["k"],
+        "compression_target": opts["compression"], "k": opts["k"], "blocks": opts["blocks"],
         "compression": report.compression, "params_before": report.params_before, "params_after": report.params_after,
         "model_params_before": report.model_params_before, "model_params_after": report.model_params_after,
-        "layers": [{"name": name, "shape": list(v.shape), "k": v.k, "params_before": v.params_before,
+        "layers": [{"name": name, "shape": list(v.shape), "k": v.k, "blocks": v.blocks, "params_before": v.params_before,
                     "params_after": v.params_after, "init_error": v.init_error} for name, v in report.layers.items()],
         "skipped": dict(report.skipped), "training": train_info,
     }
@@ -416,7 +425,7 @@ def _prune_factorize(a, device, dtype) -> int:
     else:
         report = dsformer.factorize(model, compression=opts["compression"], k=opts["k"], pattern=opts["pattern"],
                                     targets=a.targets, exclude=a.exclude, init=opts["init"],
-                                    calib=batches if opts["init"] == "data" else None)
+                                    calib=batches if opts["init"] == "data" else None, blocks=opts["blocks"])
     if a.strict and report.skipped:
         raise UsageError(f"--strict: {len(report.skipped)} layer(s) not factorised: "
                          + "; ".join(f"{n}: {r}" for n, r in report.skipped.items()))
@@ -463,6 +472,7 @@ def _prune_factorize(a, device, dtype) -> int:
         print(f"evaluation: perplexity {train_info['eval_ppl']:.4f}")
 
     meta = {"method": a.method, "pattern": opts["pattern"], "compression": opts["compression"], "k": opts["k"],
+            "blocks": opts["blocks"],
             "init": opts["init"], "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
             "targets": a.targets, "exclude": a.exclude,
             "options": {"steps": a.steps, "lr": a.lr, "batch_size": a.batch_size, "grad_accum": a.grad_accum,
@@ -747,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "of M) instead of --compression")
     g.add_argument("--init", default=None, help="dsformer: svd (default, task-unaware) | data (weighted by the "
                    "--calib activations)")
+    g.add_argument("--blocks", default=None,
+                   help="dsformer: split each layer's output rows into N equal blocks, each with its own basis "
+                        "(default 1; layers N does not divide are skipped), or 'heads': one basis per attention "
+                        "head for the q/k/v/o projections (from the model config), 1 elsewhere")
     g.add_argument("--freeze-mask-steps", type=int, default=None,
                    help="dsformer: freeze S's mask for the last N training steps (default 10%% of --steps)")
     g.add_argument("--distill", type=float, default=None,

@@ -24,11 +24,12 @@ own weights file (``transformers`` cannot rebuild these modules), whatever ``com
 says; the module tensors are stored as the module's own state dict (``D``, ``values``,
 ``meta`` [, ``bias``] when compressed; ``D``, ``S_latent`` [, ``mask``] [, ``bias``] in
 training; ``U``, ``V`` [, ``bias``] for low rank), and ``semisparse.json`` (version 2) lists
-each one under ``factorized_modules``::
+each one under ``factorized_modules`` (``blocks``: the DenseSparseLinear's row blocks, each with
+its own basis; an entry without it, as written before row blocks existed, reads as 1)::
 
      "factorized_modules": {
         "model.layers.0.mlp.up_proj": {"class": "DenseSparseLinear", "in_features": 32, "out_features": 64,
-                                       "bias": false, "k": 16, "pattern": "2:4",
+                                       "bias": false, "k": 16, "blocks": 1, "pattern": "2:4",
                                        "state": "compressed" | "training", "mask_frozen": false,
                                        "source": "Linear"},
         "model.layers.0.mlp.down_proj": {"class": "LowRankLinear", "in_features": 64, "out_features": 32,
@@ -125,7 +126,7 @@ def _factorized_spec(mod: nn.Module) -> dict | None:
     base = {"in_features": int(mod.in_features), "out_features": int(mod.out_features)}
     if isinstance(mod, DenseSparseLinear):
         return {"class": "DenseSparseLinear", **base, "bias": mod.bias is not None, "k": mod.k,
-                "pattern": mod.pattern, "state": "compressed" if mod.compressed else "training",
+                "blocks": int(mod.blocks), "pattern": mod.pattern, "state": "compressed" if mod.compressed else "training",
                 "mask_frozen": bool(mod.mask_frozen), "source": "Linear"}
     if isinstance(mod, _lowrank_type()):
         return {"class": "LowRankLinear", **base, "bias": mod.bias is not None, "rank": mod.rank, "source": "Linear"}
@@ -672,6 +673,7 @@ def _factorized_module(model: nn.Module, name: str, spec, where: str) -> nn.Modu
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
     k = need("k", int, "a positive integer")
+    blocks = need("blocks", int, "a positive integer", default=1)
     pattern = need("pattern", str, "an 'N:M' string")
     state = spec.get("state")
     if state not in _DS_STATES:
@@ -683,7 +685,7 @@ def _factorized_module(model: nn.Module, name: str, spec, where: str) -> nn.Modu
             raise ValueError(f"state 'compressed' needs pattern 2:4 (the sparse kernel), got {pattern!r}")
         if state == "compressed" and frozen:
             raise ValueError("mask_frozen is true but the state is 'compressed' (whose mask is always fixed)")
-        mod = DenseSparseLinear(in_f, out_f, k, pattern=pattern, bias=bias, device="meta")
+        mod = DenseSparseLinear(in_f, out_f, k, pattern=pattern, bias=bias, device="meta", blocks=blocks)
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from None
     if state == "compressed":

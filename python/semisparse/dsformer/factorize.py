@@ -17,6 +17,16 @@ every ``nn.Linear``) minus ``exclude``; with ``targets=None`` the output head is
 (``model.get_output_embeddings()`` when the model has it, else Linear layers whose last name
 component is ``lm_head``, ``classifier``, ``head`` or ``score``). Layers too small for the
 compression (no ``k`` / rank fits the budget) are skipped and listed in ``report.skipped``.
+
+Per-row-block bases (``factorize(..., blocks=B)``): each layer's ``out`` rows are split into
+``B`` equal contiguous blocks, each with its own ``k x in`` basis (see
+:class:`~semisparse.nn.dense_sparse_linear.DenseSparseLinear`); a layer whose ``out_features``
+``B`` does not divide is skipped (listed in ``report.skipped``). ``blocks="heads"``: one basis
+per attention head for the attention projections, recognised by the last component of their
+name: ``q_proj`` / ``query`` and ``o_proj`` get ``config.num_attention_heads`` blocks,
+``k_proj`` / ``key`` and ``v_proj`` / ``value`` get ``config.num_key_value_heads`` (when the
+config has it, else ``num_attention_heads``); every other layer gets 1. For ``o_proj`` the
+head structure is on the input side, so its row blocks are equal row groups, not heads.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ class LayerFactorization:
     params_before: int  # weights + bias of the dense layer
     params_after: int  # stored weights + bias of the replacement
     init_error: float  # relative error of the initial factorisation (X-weighted for init="data")
+    blocks: int = 1  # row blocks, each with its own k x in basis (DenseSparse only)
 
 
 @dataclass
@@ -86,11 +97,14 @@ class FactorizeReport:
         lines = [f"{self.method} ({self.pattern or 'dense'}, init={self.init})", head, "-" * len(head)]
         for name, v in self.layers.items():
             ratio = v.params_before / v.params_after if v.params_after else float("nan")
-            lines.append(f"{name:40s} {v.shape[0]:>5d}x{v.shape[1]:<6d} {v.k:>6d} {v.params_before:>10d} "
+            kk = str(v.k) if v.blocks == 1 else f"{v.blocks}x{v.k}"
+            lines.append(f"{name:40s} {v.shape[0]:>5d}x{v.shape[1]:<6d} {kk:>6s} {v.params_before:>10d} "
                          f"{v.params_after:>10d} {ratio:>6.2f} {v.init_error:>9.4f}")
         lines.append(f"{'total (replaced layers)':40s} {'':>12s} {'':>6s} {self.params_before:>10d} "
                      f"{self.params_after:>10d} {self.compression:>6.2f}")
         lines.append(f"model parameters: {self.model_params_before} -> {self.model_params_after}")
+        if any(v.blocks != 1 for v in self.layers.values()):
+            lines.append("k column BxK: B row blocks, each with its own basis of k=K")
         for name, why in self.skipped.items():
             lines.append(f"skipped {name}: {why}")
         return "\n".join(lines)
@@ -267,11 +281,33 @@ def _check_budget(k, compression, where):
 
 
 _UNSET = object()
+# attention projections for blocks="heads": last name component -> the config attribute
+# holding their number of heads (k / v fall back to num_attention_heads)
+_HEAD_PROJ = {"q_proj": "num_attention_heads", "query": "num_attention_heads", "o_proj": "num_attention_heads",
+              "k_proj": "num_key_value_heads", "key": "num_key_value_heads",
+              "v_proj": "num_key_value_heads", "value": "num_key_value_heads"}
+
+
+def _blocks_for(model: nn.Module, blocks, where: str):
+    """``name -> blocks`` for ``blocks`` an int (every layer) or ``"heads"``."""
+    if blocks == "heads":
+        cfg = getattr(model, "config", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        if not (isinstance(heads, int) and heads > 0):
+            raise ValueError(f"{where}: blocks='heads' needs a model config with num_attention_heads "
+                             f"({type(model).__name__} has none); give an integer instead")
+        kv = getattr(cfg, "num_key_value_heads", None)
+        counts = {"num_attention_heads": heads,
+                  "num_key_value_heads": kv if isinstance(kv, int) and kv > 0 else heads}
+        return lambda name: counts[_HEAD_PROJ[name.split(".")[-1]]] if name.split(".")[-1] in _HEAD_PROJ else 1
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        raise ValueError(f"{where}: blocks must be a positive integer or 'heads', got {blocks!r}")
+    return lambda name: blocks
 
 
 def factorize(model: nn.Module, compression: float | None = _UNSET, k: int | None = None, pattern="2:4",
               targets=None, exclude=None, init: str = "svd", calib: Iterable | None = None,
-              iters: int = 10) -> FactorizeReport:
+              iters: int = 10, blocks: int | str = 1) -> FactorizeReport:
     """Replace every selected ``nn.Linear`` of ``model`` (in place) by
     ``DenseSparseLinear.from_linear(...)`` in the training (STF) state.
 
@@ -286,6 +322,10 @@ def factorize(model: nn.Module, compression: float | None = _UNSET, k: int | Non
             ``X^T X`` is collected with forward hooks first, on the dense model).
         calib: iterable of model inputs (tensors, tuples of positional inputs, dicts of kwargs).
         iters: alternating iterations of the initialisation.
+        blocks: row blocks per layer, each with its own ``k x in`` basis (``k`` and the budget
+            are per layer, counting every basis); an int for every selected layer, or
+            ``"heads"`` (see the module docs). A layer whose ``out_features`` the number does
+            not divide is skipped (``report.skipped``).
 
     Returns a :class:`FactorizeReport` (per layer: shape, k, parameters before/after, relative
     init error — Frobenius for ``"svd"``, X-weighted for ``"data"``).
@@ -299,6 +339,7 @@ def factorize(model: nn.Module, compression: float | None = _UNSET, k: int | Non
         raise ValueError(f"{where}: init must be 'svd' or 'data', got {init!r}")
     if init == "data" and calib is None:
         raise ValueError(f"{where}: init='data' needs calib (an iterable of model inputs)")
+    layer_blocks = _blocks_for(model, blocks, where)
     names = _select(model, targets, exclude, where)
     report = FactorizeReport("dense_sparse", f"{n}:{m}", init, model_params_before=_n_params(model))
 
@@ -306,38 +347,46 @@ def factorize(model: nn.Module, compression: float | None = _UNSET, k: int | Non
     for name in names:
         lin = model.get_submodule(name)
         out_f, in_f = lin.weight.shape
+        bl = layer_blocks(name)
+        if out_f % bl:
+            report.skipped[name] = f"blocks={bl} does not divide out_features={out_f}"
+            continue
+        per = "" if bl == 1 else f" with {bl} row blocks"
         if compression is not None:
-            kk = k_for_compression(out_f, in_f, compression, n, m, _raise=False)
+            kk = k_for_compression(out_f, in_f, compression, n, m, blocks=bl, _raise=False)
             if kk <= 0:
-                report.skipped[name] = (f"too small for {compression}x: even k={m} needs "
-                                        f"{dense_sparse_params(out_f, in_f, m, n, m)} weights > "
+                report.skipped[name] = (f"too small for {compression}x{per}: even k={m} needs "
+                                        f"{dense_sparse_params(out_f, in_f, m, n, m, blocks=bl)} weights > "
                                         f"{out_f * in_f / compression:.1f}")
                 continue
         else:
             kk = k
             if kk % m:
                 raise ValueError(f"{where}: k={k} is not a multiple of M={m}")
-            if dense_sparse_params(out_f, in_f, kk, n, m) >= out_f * in_f:
-                report.skipped[name] = (f"k={k} would not compress it: {dense_sparse_params(out_f, in_f, kk, n, m)} "
-                                        f"weights >= dense {out_f * in_f}")
+            params = dense_sparse_params(out_f, in_f, kk, n, m, blocks=bl)
+            if params >= out_f * in_f:
+                report.skipped[name] = f"k={k}{per} would not compress it: {params} weights >= dense {out_f * in_f}"
                 continue
-        chosen.append((name, kk))
+        chosen.append((name, kk, bl))
     if not chosen:
-        raise ValueError(f"{where}: every selected layer is too small: {report.skipped}")
+        what = "every selected layer is too small" if blocks == 1 else "no selected layer can be factorised"
+        raise ValueError(f"{where}: {what}: {report.skipped}")
 
     grams = collect_grams(model, [c[0] for c in chosen], calib) if init == "data" else {}
-    for name, kk in chosen:
+    for name, kk, bl in chosen:
         lin = model.get_submodule(name)
         out_f, in_f = lin.weight.shape
         g = grams.get(name)
         new = DenseSparseLinear.from_linear(lin, k=kk, pattern=pattern, init=init,
-                                            calib_gram=None if g is None else g.to(lin.weight.device), iters=iters)
+                                            calib_gram=None if g is None else g.to(lin.weight.device), iters=iters,
+                                            blocks=bl)
         has_bias = lin.bias is not None
         report.layers[name] = LayerFactorization(
             shape=(out_f, in_f), k=kk,
             params_before=out_f * in_f + (out_f if has_bias else 0),
             params_after=new.num_params(),
-            init_error=float(min(new.init_errors)) if getattr(new, "init_errors", None) else float("nan"),
+            init_error=float(new.init_error),
+            blocks=bl,
         )
         _set_module(model, name, new)
     report.model_params_after = _n_params(model)

@@ -29,7 +29,7 @@ import torch
 from ..formats.sparse24 import nm_mask
 from ..nn.dense_sparse_linear import check_k, parse_pattern
 
-__all__ = ["Factorization", "gram", "init_data_aware", "init_svd_alternating", "relative_error"]
+__all__ = ["Factorization", "damped_gram", "gram", "init_data_aware", "init_svd_alternating", "relative_error"]
 
 
 class Factorization(NamedTuple):
@@ -56,6 +56,14 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     """``X^T X`` (float64) of calibration inputs ``X`` ``[..., in]``."""
     X = X.detach().reshape(-1, X.shape[-1]).double()
     return X.T @ X
+
+
+def damped_gram(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The Gram matrix :func:`init_data_aware` factorises against: ``H`` symmetrised, plus
+    ``damp * mean(diag H)`` (at least ``1e-12 * max(mean(diag H), 1)``) on the diagonal."""
+    H = (H + H.T) / 2
+    mean_diag = float(H.diagonal().mean())
+    return H + max(damp * mean_diag, 1e-12 * max(mean_diag, 1.0)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def _lstsq(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -165,9 +173,7 @@ def init_data_aware(
     H = A if is_gram else gram(A)
     if tuple(H.shape) != (in_f, in_f):
         raise ValueError(f"init_data_aware: the Gram matrix must be [{in_f}, {in_f}], got {tuple(H.shape)}")
-    H = (H + H.T) / 2
-    mean_diag = float(H.diagonal().mean())
-    H = H + max(damp * mean_diag, 1e-12 * max(mean_diag, 1.0)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
+    H = damped_gram(H, damp)
     L = torch.linalg.cholesky(H)  # H = L L^T
     S, Dp, errors, best = _alternate(W.detach().double() @ L, k, n, m, iters, cg_iters)
     # D = D' L^{-1}  <=>  D L = D'  <=>  L^T D^T = D'^T
