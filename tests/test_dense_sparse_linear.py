@@ -580,3 +580,15 @@ def test_blocks_budget_messages():
         DenseSparseLinear(32, 24, 18, blocks=2)
     with pytest.raises(ValueError, match=r"even k=4 per row block \(8 blocks\) needs"):
         k_for_compression(64, 64, 2, blocks=8)
+
+
+def test_module_file_version_only_bumped_with_blocks(tmp_path):
+    from semisparse.io import load_tensors
+
+    for blocks, version in ((1, 1), (2, 2)):
+        mod = DenseSparseLinear(16, 8, 8, blocks=blocks)
+        mod.save(tmp_path / f"b{blocks}.safetensors")
+        _, header = load_tensors(tmp_path / f"b{blocks}.safetensors")
+        assert header["version"] == version
+        back = DenseSparseLinear.load(tmp_path / f"b{blocks}.safetensors")
+        assert back.blocks == blocks and torch.equal(back.D, mod.D)

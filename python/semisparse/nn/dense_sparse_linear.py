@@ -48,7 +48,7 @@ from ..ops import sparse24 as _ops
 __all__ = ["DenseSparseLinear", "check_blocks", "dense_sparse_params", "k_for_compression", "parse_pattern"]
 
 _FORMAT = "semisparse.DenseSparseLinear"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # the newest version read; 2 adds "blocks" (written only when blocks > 1)
 
 
 # ------------------------------------------------------------------ helpers
@@ -448,7 +448,9 @@ class DenseSparseLinear(nn.Module):
             "state": "compressed" if self.compressed else "training",
             "mask_frozen": self.mask_frozen,
         }
-        save_module_file(self, path, _FORMAT, _FORMAT_VERSION, meta)
+        # blocks == 1 files stay version 1, so older releases keep reading them; blocks > 1
+        # files are version 2, which those releases refuse with a version message
+        save_module_file(self, path, _FORMAT, 2 if self.blocks > 1 else 1, meta)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu") -> DenseSparseLinear:
