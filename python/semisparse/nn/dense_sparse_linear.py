@@ -53,16 +53,24 @@ _FORMAT_VERSION = 2  # the newest version read; 2 adds "blocks" (written only wh
 
 # ------------------------------------------------------------------ helpers
 def parse_pattern(pattern) -> tuple[int, int]:
-    """``"N:M"`` (or a tuple ``(N, M)``) -> ``(N, M)`` with integers ``0 < N < M``."""
+    """``"N:M"`` (the grammar of :func:`semisparse.pruning.parse_pattern`; a
+    ``SparsityPattern`` too) or a tuple ``(N, M)`` -> ``(N, M)`` with integers ``0 < N < M``
+    (``S`` must drop something; unstructured patterns do not apply)."""
+    from ..pruning.patterns import SparsityPattern
+    from ..pruning.patterns import parse_pattern as parse_any  # lazily: pruning imports nn
+
     n = m = None
-    if isinstance(pattern, str):
-        parts = pattern.strip().split(":")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            n, m = int(parts[0]), int(parts[1])
-    elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(
+    if isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(
         isinstance(v, int) and not isinstance(v, bool) for v in pattern
     ):
         n, m = pattern
+    elif isinstance(pattern, (str, SparsityPattern)):
+        try:
+            parsed = parse_any(pattern)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.structured:
+            n, m = parsed.n, parsed.m
     if n is None or not (0 < n < m):
         raise ValueError(f"pattern must be a string 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}")
     return n, m
