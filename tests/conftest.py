@@ -138,3 +138,25 @@ def sparse24_dense(draw, dtypes=DTYPES, max_n: int = 70, max_k: int = 300):
     neg_zero = draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
     return random_24(n, k, dtype, generator=g, underfill=underfill, neg_zero=neg_zero)
+
+
+def tiny_llama_dir(tmp_path_factory, train_sentences: int, test_sentences: int):
+    """A tiny Llama (word-level tokenizer, 2 layers, hidden 32, GQA) saved with
+    save_pretrained under ``<tmp>/model``, plus ``train.txt`` / ``test.txt`` of the demo's
+    synthetic language; the folder ``<tmp>``. Shared by the CLI tests' fixtures."""
+    import transformers
+
+    from semisparse.demo.language import generate_corpus, word_tokenizer
+
+    tok = word_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=None, eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "train.txt").write_text(generate_corpus(train_sentences, seed=0))
+    (d / "test.txt").write_text(generate_corpus(test_sentences, seed=1))
+    return d

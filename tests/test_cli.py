@@ -11,6 +11,7 @@ import torch
 import semisparse
 from semisparse.cli import main
 from semisparse.demo.speed import run_demo
+from conftest import tiny_llama_dir
 
 
 def _cli(*args):
@@ -70,20 +71,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny Llama saved with save_pretrained, with a word-level tokenizer, and a text."""
-    from semisparse.demo.language import generate_corpus, word_tokenizer
-
-    tok = word_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=1, pad_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    d = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "train.txt").write_text(generate_corpus(400, seed=0))
-    (d / "test.txt").write_text(generate_corpus(100, seed=1))
-    return d
+    return tiny_llama_dir(tmp_path_factory, 400, 100)
 
 
 @pytest.mark.parametrize("method, compress", [("magnitude", False), ("wanda", True), ("sparsegpt", True)])

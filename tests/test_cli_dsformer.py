@@ -17,6 +17,7 @@ from semisparse.cli import main  # noqa: E402
 from semisparse.dsformer import DenseSparseLinear, LowRankLinear  # noqa: E402
 from semisparse.hf import COMPRESSED_WEIGHTS, SEMISPARSE_JSON, load_pretrained, save_pretrained  # noqa: E402
 from semisparse.io import load_tensors, save_tensors  # noqa: E402
+from conftest import tiny_llama_dir  # noqa: E402
 
 NSAMPLES, SEQLEN = "8", "16"
 
@@ -25,20 +26,7 @@ NSAMPLES, SEQLEN = "8", "16"
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny Llama saved with save_pretrained, with a word-level tokenizer, and texts."""
-    from semisparse.demo.language import generate_corpus, word_tokenizer
-
-    tok = word_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=1, pad_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    d = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "train.txt").write_text(generate_corpus(200, seed=0))
-    (d / "test.txt").write_text(generate_corpus(60, seed=1))
-    return d
+    return tiny_llama_dir(tmp_path_factory, 200, 60)
 
 
 def _dense(llama_dir):

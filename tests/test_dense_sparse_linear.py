@@ -434,35 +434,28 @@ def test_blocks_gradcheck_training_state(blocks):
         lambda x, D, S, b: functional_call(mod, {"D": D, "S_latent": S, "bias": b}, (x,)), (x, D, S, b))
 
 
-@pytest.mark.parametrize("blocks", [2, 4])
-def test_blocks_torch_compile_training_and_compressed(blocks):
+def _check_compiled(mod, x, params):
+    """torch.compile(mod) (fullgraph) matches eager in output and in the gradients of params."""
     torch._dynamo.reset()
-    mod = _bmod(blocks)
-    x = torch.randn(2, 6, 32)
+    mod.zero_grad()
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
     y_c = compiled(x)
     torch.testing.assert_close(y_c, mod(x), rtol=1e-5, atol=1e-5)
     y_c.square().sum().backward()
-    params = (mod.D, mod.S_latent, mod.bias)
-    g_c = [p.grad.clone() for p in params]
+    g_c = [p.grad.clone() for p in params()]
     mod.zero_grad()
     mod(x).square().sum().backward()
-    for gc, p in zip(g_c, params):
+    for gc, p in zip(g_c, params()):
         torch.testing.assert_close(gc, p.grad, rtol=1e-5, atol=1e-5)
 
-    torch._dynamo.reset()
-    mod.zero_grad()
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_blocks_torch_compile_training_and_compressed(blocks):
+    mod = _bmod(blocks)
+    x = torch.randn(2, 6, 32)
+    _check_compiled(mod, x, lambda: (mod.D, mod.S_latent, mod.bias))
     mod.compress()
-    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
-    y_c = compiled(x)
-    torch.testing.assert_close(y_c, mod(x), rtol=1e-5, atol=1e-5)
-    y_c.square().sum().backward()
-    params = (mod.D, mod.values, mod.bias)
-    g_c = [p.grad.clone() for p in params]
-    mod.zero_grad()
-    mod(x).square().sum().backward()
-    for gc, p in zip(g_c, params):
-        torch.testing.assert_close(gc, p.grad, rtol=1e-5, atol=1e-5)
+    _check_compiled(mod, x, lambda: (mod.D, mod.values, mod.bias))
 
 
 @pytest.mark.parametrize("init", ["svd", "data"])
