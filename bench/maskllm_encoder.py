@@ -38,12 +38,13 @@ def mlm_batch(ids: torch.Tensor, mask_id: int, vocab: int, g: torch.Generator, p
     return {"input_ids": x, "labels": labels}
 
 
-def train_encoder(seed: int, train_ids: torch.Tensor, vocab: int, steps: int = 1500, batch: int = 32, seqlen: int = 64):
+def train_encoder(seed: int, train_ids: torch.Tensor, vocab: int, steps: int = 1500, batch: int = 32, seqlen: int = 64,
+                  hidden: int = 64, ffn: int = 256, layers: int = 4, heads: int = 4):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab + 1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=seqlen, hidden_dropout_prob=0.0,
+    cfg = BertConfig(vocab_size=vocab + 1, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=seqlen, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, tie_word_embeddings=False)
     model = BertForMaskedLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01)
