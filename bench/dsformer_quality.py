@@ -15,6 +15,9 @@ same batches, steps and schedule:
 * ``fixed-mask`` the same factorisation, mask frozen before the first step ("initialise,
                  then fine-tune"),
 * ``lowrank``    truncated-SVD low-rank factors ``U V`` at the same budget, fine-tuned,
+* ``prune24``    2:4 pruning alone (SparseGPT on calibration windows of the training text,
+                 the same layers), then the same fine-tuning with the masks fixed (the
+                 SparseLinear values train); 2x on the weights like the others,
 * ``dense-ft``   (control) the uncompressed model with the same fine-tuning: how much of the
                  fine-tuned number is just more training of the dense model.
 
@@ -36,6 +39,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -126,7 +130,7 @@ def main(argv=None):
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="peak lrs tried for every method (chosen on validation)")
     p.add_argument("--iters", type=int, default=10, help="alternating iterations of the DSFormer initialisation")
     p.add_argument("--freeze-frac", type=float, default=0.1, help="STF: freeze the masks for this share of the steps")
-    p.add_argument("--methods", default="stf,fixed-mask,lowrank,dense-ft")
+    p.add_argument("--methods", default="stf,fixed-mask,lowrank,prune24,dense-ft")
     p.add_argument("--quick", action="store_true", help="tiny run (dense 200 steps, 20 fine-tune steps, one lr)")
     p.add_argument("--cache", default=None, help="folder to keep the trained dense models in between runs")
     p.add_argument("--json", default=None, help="write the results here")
@@ -141,6 +145,7 @@ def main(argv=None):
     cache = Path(a.cache) if a.cache else None
     t0 = time.perf_counter()
     dense, ppl, batches = (lm_task if a.model == "lm" else encoder_task)(a, cache)
+    calib = torch.cat([(b["input_ids"] if isinstance(b, dict) else b) for b in batches[:8]])  # prune24: 128 windows
     dense_ppl = {w: ppl(dense, w) for w in ("val", "test")}
     print(f"dense: ppl val {dense_ppl['val']:.4f} test {dense_ppl['test']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -154,6 +159,13 @@ def main(argv=None):
             return m, dsformer.factorize(m, a.compression, init="svd", iters=a.iters)
         if method == "lowrank":
             return m, dsformer.lowrank(m, a.compression)
+        if method == "prune24":
+            # the layers factorize would take, pruned 2:4 by SparseGPT and stored as SparseLinear
+            names = sorted(dsformer.factorize(copy.deepcopy(dense), a.compression, iters=0).layers)
+            masks = semisparse.prune(m, "sparsegpt", pattern="2:4", calib=calib, targets=names, strict=True)
+            semisparse.sparsify(m, masks=masks)
+            before = sum(masks[n].numel() for n in names)
+            return m, SimpleNamespace(params_before=before, params_after=before // 2, compression=2.0, layers=names)
         if method == "dense-ft":
             return m, None
         raise SystemExit(f"unknown method {method!r}")
