@@ -160,3 +160,16 @@ def tiny_llama_dir(tmp_path_factory, train_sentences: int, test_sentences: int):
     (d / "train.txt").write_text(generate_corpus(train_sentences, seed=0))
     (d / "test.txt").write_text(generate_corpus(test_sentences, seed=1))
     return d
+
+
+def cuda_skip_reason(kernel: str | None = None) -> str | None:
+    """Why the CUDA tests of a module cannot run here (no device, no native CUDA library,
+    or the library has no CUDA kernel for op ``semisparse::<kernel>``), or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    st = semisparse.native_status()["cuda"]
+    if not st.loaded:
+        return f"native CUDA library not loaded: {st.reason}"
+    if kernel and not torch._C._dispatch_has_kernel_for_dispatch_key(f"semisparse::{kernel}", "CUDA"):
+        return f"the loaded CUDA library has no {kernel} kernel"
+    return None

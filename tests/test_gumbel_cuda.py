@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import semisparse
+from conftest import cuda_skip_reason
 from semisparse.ops import gumbel as G
 from test_gumbel_ops import (
     CHI2_LIMIT,
@@ -28,18 +28,7 @@ from test_gumbel_ops import (
 )
 
 
-def _cuda_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    st = semisparse.native_status()["cuda"]
-    if not st.loaded:
-        return f"native CUDA library not loaded: {st.reason}"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("semisparse::gumbel_nm_mask", "CUDA"):
-        return "the loaded CUDA library has no gumbel_nm_mask kernel"
-    return None
-
-
-_SKIP = _cuda_skip_reason()
+_SKIP = cuda_skip_reason("gumbel_nm_mask")
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 ops = torch.ops.semisparse

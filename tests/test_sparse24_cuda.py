@@ -8,21 +8,11 @@ import pytest
 import torch
 from hypothesis import given
 
-from conftest import DTYPES, assert_bit_equal, random_24, sparse24_dense
-import semisparse
+from conftest import DTYPES, assert_bit_equal, cuda_skip_reason, random_24, sparse24_dense
 from semisparse.ops import sparse24 as ops
 
 
-def _cuda_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    st = semisparse.native_status()["cuda"]
-    if not st.loaded:
-        return f"native CUDA library not loaded: {st.reason}"
-    return None
-
-
-_SKIP = _cuda_skip_reason()
+_SKIP = cuda_skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 compress = torch.ops.semisparse.sparse24_compress

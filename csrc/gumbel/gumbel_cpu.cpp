@@ -17,6 +17,7 @@
 
 #include "common/stable_tensor.h"
 #include "gumbel/gumbel_cpu.h"
+#include "gumbel/gumbel_front.h"
 
 namespace semisparse::gumbel {
 namespace {
@@ -25,7 +26,6 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 using common::contig;
-using common::shape_str;
 
 // A fresh output of tens of MiB costs one page fault per 4 KiB when the kernel first writes
 // it (~45 ms per 64 MiB measured on the benchmark VM: as long as the kernel itself). Ask for
@@ -44,58 +44,14 @@ void advise_huge(const Tensor& t) {
 #endif
 }
 
-DType to_dtype(const Tensor& t, const char* op, const char* what) {
-  return common::dtype_of<DType>(t, op, ": ", what, " must be float32/bfloat16/float16/float64, got ");
-}
+using front::check_grad;
+using front::check_weight;
+using front::Device;
+using front::sizes_of;
 
-std::vector<int64_t> sizes_of(const Tensor& t) {
-  std::vector<int64_t> s;
-  for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
-  return s;
-}
-
-// Checks the scalar arguments and logits; returns a Problem with patterns filled.
-Problem common(const char* op, const Tensor& logits, int64_t seed, int64_t offset, double tau,
-               double kappa, int64_t n, int64_t m) {
-  STD_TORCH_CHECK(1 <= n && n < m && m <= 8, op, ": n:m = ", n, ":", m,
-                  " is not supported; expected 1 <= n < m <= 8 (e.g. 2:4, 1:4, 4:8)");
-  STD_TORCH_CHECK(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
-  STD_TORCH_CHECK(std::isfinite(kappa), op, ": kappa must be finite, got ", kappa);
-  STD_TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU tensor for this kernel");
-  Problem p{};
-  p.n = int(n);
-  p.m = int(m);
-  fill_patterns(p);
-  p.lt = to_dtype(logits, op, "logits");
-  STD_TORCH_CHECK(logits.dim() == 2 && logits.size(1) == p.C, op, ": logits must have shape [groups, C(", m,
-                  ",", n, ") = ", p.C, "], got ", shape_str(logits));
-  p.G = logits.size(0);
-  p.seed = static_cast<uint64_t>(seed);
-  p.offset = static_cast<uint64_t>(offset);
-  p.tau = tau;
-  p.kappa = kappa;
-  return p;
-}
-
-void check_weight(const char* op, const Tensor& weight, const Tensor& logits, Problem& p) {
-  STD_TORCH_CHECK(weight.is_cpu(), op, ": weight must be a CPU tensor for this kernel");
-  p.wt = to_dtype(weight, op, "weight");
-  STD_TORCH_CHECK(weight.dim() >= 1 && weight.size(weight.dim() - 1) % p.m == 0, op,
-                  ": the weight's last dim must be a multiple of m=", p.m, ", got shape ", shape_str(weight));
-  STD_TORCH_CHECK(p.G * p.m == weight.numel(), op, ": logits shape ", shape_str(logits),
-                  " does not match the weight ", shape_str(weight), ": expected [", weight.numel() / p.m, ", ",
-                  p.C, "] (weight.numel() / m groups)");
-}
-
-void check_grad(const char* op, const Tensor& g, const std::vector<int64_t>& shape, Problem& p) {
-  STD_TORCH_CHECK(g.is_cpu(), op, ": the gradient must be a CPU tensor for this kernel");
-  bool ok = g.dim() == int64_t(shape.size());
-  for (size_t d = 0; ok && d < shape.size(); ++d) ok = g.size(int64_t(d)) == shape[d];
-  std::string want = "(";
-  for (size_t d = 0; d < shape.size(); ++d) want += (d ? ", " : "") + std::to_string(shape[d]);
-  want += shape.size() == 1 ? ",)" : ")";
-  STD_TORCH_CHECK(ok, op, ": the gradient must have shape ", want, ", got ", shape_str(g));
-  p.gt = to_dtype(g, op, "the gradient");
+Problem common(const char* op, const Tensor& logits, int64_t seed, int64_t offset, double tau, double kappa,
+               int64_t n, int64_t m) {
+  return front::common(op, logits, seed, offset, tau, kappa, n, m, Device::CPU);
 }
 
 // Runs p (inputs set) as op into a fresh output of the given sizes with like's device and
@@ -123,7 +79,7 @@ Tensor masked_weight_cpu(Tensor weight, Tensor logits, int64_t seed, int64_t off
                          int64_t n, int64_t m, bool hard) {
   const char* op = "gumbel_nm_masked_weight";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_weight(op, weight, logits, p);
+  check_weight(op, weight, logits, p, Device::CPU);
   Tensor lc = contig(logits);
   Tensor wc = contig(weight);
   p.hard = hard;
@@ -136,7 +92,7 @@ Tensor mask_backward_cpu(Tensor grad_mask, Tensor logits, int64_t seed, int64_t 
                          int64_t n, int64_t m) {
   const char* op = "gumbel_nm_mask_backward";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_grad(op, grad_mask, {p.G, int64_t(p.m)}, p);
+  check_grad(op, grad_mask, {p.G, int64_t(p.m)}, logits, p, Device::CPU);
   Tensor lc = contig(logits);
   Tensor gc = contig(grad_mask);
   p.logits = lc.const_data_ptr();
@@ -148,8 +104,8 @@ Tensor masked_weight_backward_cpu(Tensor grad_out, Tensor weight, Tensor logits,
                                   double tau, double kappa, int64_t n, int64_t m) {
   const char* op = "gumbel_nm_masked_weight_backward";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_weight(op, weight, logits, p);
-  check_grad(op, grad_out, sizes_of(weight), p);
+  check_weight(op, weight, logits, p, Device::CPU);
+  check_grad(op, grad_out, sizes_of(weight), logits, p, Device::CPU);
   Tensor lc = contig(logits);
   Tensor wc = contig(weight);
   Tensor gc = contig(grad_out);

@@ -1,6 +1,6 @@
 // Generic (portable C++) Gumbel N:M kernels: the fp32 kernel on a scalar "vector" of width
 // 1 (used when no SIMD path is active), the fp64 kernel (used whenever an input is fp64),
-// pattern tables and the run-time dispatch.
+// and the run-time dispatch.
 #include <cmath>
 #include <vector>
 
@@ -73,24 +73,6 @@ inline void store_d(void* p, int64_t i, DType t, double v) {
 }
 
 }  // namespace
-
-void fill_patterns(Problem& p) {
-  // itertools.combinations(range(m), n) order: lexicographic n-subsets
-  int idx[8];
-  for (int i = 0; i < p.n; ++i) idx[i] = i;
-  int c = 0;
-  while (true) {
-    uint8_t bits = 0;
-    for (int i = 0; i < p.n; ++i) bits |= uint8_t(1u << idx[i]);
-    p.pattern[c++] = bits;
-    int i = p.n - 1;
-    while (i >= 0 && idx[i] == p.m - p.n + i) --i;
-    if (i < 0) break;
-    ++idx[i];
-    for (int j = i + 1; j < p.n; ++j) idx[j] = idx[j - 1] + 1;
-  }
-  p.C = c;
-}
 
 void run_generic_f32(const Problem& p) { k_generic::run_f32<VScalar>(p); }
 
@@ -166,9 +148,7 @@ void run_generic_f64(const Problem& p) {
 }
 
 void run(const Problem& p) {
-  const bool f64 = p.lt == DType::F64 || p.ot == DType::F64 || (p.weight && p.wt == DType::F64) ||
-                   (p.grad && p.gt == DType::F64);
-  SEMISPARSE_RUN_ON_ACTIVE_ISA(run, p, f64);
+  SEMISPARSE_RUN_ON_ACTIVE_ISA(run, p, any_f64(p));
 }
 
 }  // namespace semisparse::gumbel

@@ -38,59 +38,20 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_launch.cuh"
 #include "common/stable_tensor.h"
+#include "gumbel/gumbel_front.h"
+#include "gumbel/gumbel_problem.h"
 
-#if !defined(USE_CUDA)
-#error "gumbel_cuda.cu needs USE_CUDA (aoti_torch_get_current_cuda_stream is declared under it)"
-#endif
-
-namespace semisparse::gumbel_cuda {
+namespace semisparse::gumbel {
 namespace {
 
-using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
-enum class Op : int { Mask = 0, MaskedWeight = 1, MaskBackward = 2, MaskedWeightBackward = 3 };
-
 constexpr int kThreads = 256;
-constexpr int kMaxC = 70;  // C(8, 4)
-
-struct Problem {
-  Op op;
-  const void* logits;  // [G, C] contiguous
-  const void* weight;  // [G * m] contiguous, or null
-  const void* grad;    // [G * m] contiguous, or null
-  void* out;
-  DType lt, wt, gt, ot;
-  int64_t G;
-  int n, m, C;
-  uint32_t k0, k1, olo, ohi;
-  double tau, kappa;
-  bool hard;
-  uint8_t pattern[kMaxC];  // itertools.combinations(range(m), n) order, bit j = keep element j
-};
+constexpr int kMaxC = kMaxPatterns;
 
 // ------------------------------------------------------------------ device helpers
-__device__ __forceinline__ void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                              uint32_t k1, uint32_t out[4]) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
-}
-
 template <class A>
 __device__ __forceinline__ A load_as(const void* p, int64_t i, DType t) {
   switch (t) {
@@ -132,14 +93,17 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(const Problem p) {
   const int B = (C + 3) / 4;
   const bool fwd = p.op == Op::Mask || p.op == Op::MaskedWeight;
   const A kappa = A(p.kappa), inv_tau = A(1.0 / p.tau);
+  const uint32_t k0 = uint32_t(p.seed), k1 = uint32_t(p.seed >> 32);
+  const uint32_t olo = uint32_t(p.offset), ohi = uint32_t(p.offset >> 32);
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < p.G; g += int64_t(gridDim.x) * blockDim.x) {
     A y[CM];
 #pragma unroll
     for (int b = 0; b < (CM + 3) / 4; ++b) {
       if (b < B) {
         const uint64_t id = uint64_t(g) * uint64_t(B) + uint64_t(b);
+        const uint32_t ctr[4] = {uint32_t(id), uint32_t(id >> 32), olo, ohi};
         uint32_t w[4];
-        philox4x32_10(uint32_t(id), uint32_t(id >> 32), p.olo, p.ohi, p.k0, p.k1, w);
+        philox4x32_10(ctr, k0, k1, w);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int c = 4 * b + q;
@@ -228,47 +192,11 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(const Problem p) {
 }
 
 // ------------------------------------------------------------------ host side
-void fill_patterns(Problem& p) {
-  int idx[8];
-  for (int i = 0; i < p.n; ++i) idx[i] = i;
-  int c = 0;
-  while (true) {
-    uint8_t bits = 0;
-    for (int i = 0; i < p.n; ++i) bits |= uint8_t(1u << idx[i]);
-    p.pattern[c++] = bits;
-    int i = p.n - 1;
-    while (i >= 0 && idx[i] == p.m - p.n + i) --i;
-    if (i < 0) break;
-    ++idx[i];
-    for (int j = i + 1; j < p.n; ++j) idx[j] = idx[j - 1] + 1;
-  }
-  p.C = c;
-}
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* stream = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream) == AOTI_TORCH_SUCCESS,
-                  "semisparse: could not get the current CUDA stream of device ", device_index);
-  return static_cast<cudaStream_t>(stream);
-}
-
-unsigned grid_for(int64_t work, int32_t device_index) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || sms <= 0) {
-    (void)cudaGetLastError();
-    sms = 128;
-  }
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sms) * 16;  // grid-stride beyond this
-  return static_cast<unsigned>(blocks < cap ? blocks : cap);
-}
-
 void launch(const Problem& p, int32_t dev, const char* op) {
   if (p.G == 0) return;
-  const bool f64 = p.lt == DType::F64 || p.ot == DType::F64 || (p.weight && p.wt == DType::F64) ||
-                   (p.grad && p.gt == DType::F64);
-  const unsigned grid = grid_for(p.G, dev);
-  cudaStream_t stream = current_stream(dev);
+  const bool f64 = any_f64(p);
+  const unsigned grid = common::grid_for(p.G, dev, kThreads, 16);
+  cudaStream_t stream = common::current_stream(dev);
   const bool is24 = p.n == 2 && p.m == 4;
   if (f64) {
     if (is24)
@@ -281,72 +209,17 @@ void launch(const Problem& p, int32_t dev, const char* op) {
     else
       gumbel_kernel<float, kMaxC, 8><<<grid, kThreads, 0, stream>>>(p);
   }
-  const cudaError_t err = cudaGetLastError();
-  STD_TORCH_CHECK(err == cudaSuccess, "semisparse: ", op, " CUDA kernel launch failed: ", cudaGetErrorName(err), ": ",
-                  cudaGetErrorString(err));
+  common::check_launch(op);
 }
 
-DType to_dtype(const Tensor& t, const char* op, const char* what) {
-  return common::dtype_of<DType>(t, op, ": ", what, " must be float32/bfloat16/float16/float64, got ");
-}
+using front::check_grad;
+using front::check_weight;
+using front::Device;
+using front::sizes_of;
 
-std::vector<int64_t> sizes_of(const Tensor& t) {
-  std::vector<int64_t> s;
-  for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
-  return s;
-}
-
-void check_on(const char* op, const Tensor& t, const char* what, int32_t dev) {
-  STD_TORCH_CHECK(t.is_cuda(), op, ": ", what, " must be a CUDA tensor for this kernel");
-  STD_TORCH_CHECK(t.get_device_index() == dev, op, ": ", what, " is on cuda:", t.get_device_index(),
-                  " but the logits are on cuda:", dev);
-}
-
-// The same checks, in the same words, as the CPU front end (gumbel_cpu.cpp).
 Problem common(const char* op, const Tensor& logits, int64_t seed, int64_t offset, double tau, double kappa, int64_t n,
                int64_t m) {
-  STD_TORCH_CHECK(1 <= n && n < m && m <= 8, op, ": n:m = ", n, ":", m,
-                  " is not supported; expected 1 <= n < m <= 8 (e.g. 2:4, 1:4, 4:8)");
-  STD_TORCH_CHECK(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
-  STD_TORCH_CHECK(std::isfinite(kappa), op, ": kappa must be finite, got ", kappa);
-  STD_TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor for this kernel");
-  Problem p{};
-  p.n = int(n);
-  p.m = int(m);
-  fill_patterns(p);
-  p.lt = to_dtype(logits, op, "logits");
-  STD_TORCH_CHECK(logits.dim() == 2 && logits.size(1) == p.C, op, ": logits must have shape [groups, C(", m, ",", n,
-                  ") = ", p.C, "], got ", common::shape_str(logits));
-  p.G = logits.size(0);
-  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  p.k0 = uint32_t(s);
-  p.k1 = uint32_t(s >> 32);
-  p.olo = uint32_t(o);
-  p.ohi = uint32_t(o >> 32);
-  p.tau = tau;
-  p.kappa = kappa;
-  return p;
-}
-
-void check_weight(const char* op, const Tensor& weight, const Tensor& logits, Problem& p) {
-  check_on(op, weight, "weight", logits.get_device_index());
-  p.wt = to_dtype(weight, op, "weight");
-  STD_TORCH_CHECK(weight.dim() >= 1 && weight.size(weight.dim() - 1) % p.m == 0, op,
-                  ": the weight's last dim must be a multiple of m=", p.m, ", got shape ", common::shape_str(weight));
-  STD_TORCH_CHECK(p.G * p.m == weight.numel(), op, ": logits shape ", common::shape_str(logits),
-                  " does not match the weight ", common::shape_str(weight), ": expected [", weight.numel() / p.m, ", ",
-                  p.C, "] (weight.numel() / m groups)");
-}
-
-void check_grad(const char* op, const Tensor& g, const std::vector<int64_t>& shape, const Tensor& logits, Problem& p) {
-  check_on(op, g, "the gradient", logits.get_device_index());
-  bool ok = g.dim() == int64_t(shape.size());
-  for (size_t d = 0; ok && d < shape.size(); ++d) ok = g.size(int64_t(d)) == shape[d];
-  std::string want = "(";
-  for (size_t d = 0; d < shape.size(); ++d) want += (d ? ", " : "") + std::to_string(shape[d]);
-  want += shape.size() == 1 ? ",)" : ")";
-  STD_TORCH_CHECK(ok, op, ": the gradient must have shape ", want, ", got ", common::shape_str(g));
-  p.gt = to_dtype(g, op, "the gradient");
+  return front::common(op, logits, seed, offset, tau, kappa, n, m, Device::CUDA);
 }
 
 Tensor run_new(Problem& p, Op op, const Tensor& like, DType ot, const std::vector<int64_t>& sizes, const char* name) {
@@ -374,7 +247,7 @@ Tensor masked_weight_cuda(Tensor weight, Tensor logits, int64_t seed, int64_t of
                           int64_t n, int64_t m, bool hard) {
   const char* op = "gumbel_nm_masked_weight";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_weight(op, weight, logits, p);
+  check_weight(op, weight, logits, p, Device::CUDA);
   torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
   Tensor lc = common::contig(logits);
   Tensor wc = common::contig(weight);
@@ -388,7 +261,7 @@ Tensor mask_backward_cuda(Tensor grad_mask, Tensor logits, int64_t seed, int64_t
                           int64_t n, int64_t m) {
   const char* op = "gumbel_nm_mask_backward";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_grad(op, grad_mask, {p.G, int64_t(p.m)}, logits, p);
+  check_grad(op, grad_mask, {p.G, int64_t(p.m)}, logits, p, Device::CUDA);
   torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
   Tensor lc = common::contig(logits);
   Tensor gc = common::contig(grad_mask);
@@ -401,8 +274,8 @@ Tensor masked_weight_backward_cuda(Tensor grad_out, Tensor weight, Tensor logits
                                    double tau, double kappa, int64_t n, int64_t m) {
   const char* op = "gumbel_nm_masked_weight_backward";
   Problem p = common(op, logits, seed, offset, tau, kappa, n, m);
-  check_weight(op, weight, logits, p);
-  check_grad(op, grad_out, sizes_of(weight), logits, p);
+  check_weight(op, weight, logits, p, Device::CUDA);
+  check_grad(op, grad_out, sizes_of(weight), logits, p, Device::CUDA);
   torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
   Tensor lc = common::contig(logits);
   Tensor wc = common::contig(weight);
@@ -414,11 +287,11 @@ Tensor masked_weight_backward_cuda(Tensor grad_out, Tensor weight, Tensor logits
 }
 
 }  // namespace
-}  // namespace semisparse::gumbel_cuda
+}  // namespace semisparse::gumbel
 
 STABLE_TORCH_LIBRARY_IMPL(semisparse, CUDA, m) {
-  m.impl("gumbel_nm_mask", TORCH_BOX(&semisparse::gumbel_cuda::mask_cuda));
-  m.impl("gumbel_nm_masked_weight", TORCH_BOX(&semisparse::gumbel_cuda::masked_weight_cuda));
-  m.impl("gumbel_nm_mask_backward", TORCH_BOX(&semisparse::gumbel_cuda::mask_backward_cuda));
-  m.impl("gumbel_nm_masked_weight_backward", TORCH_BOX(&semisparse::gumbel_cuda::masked_weight_backward_cuda));
+  m.impl("gumbel_nm_mask", TORCH_BOX(&semisparse::gumbel::mask_cuda));
+  m.impl("gumbel_nm_masked_weight", TORCH_BOX(&semisparse::gumbel::masked_weight_cuda));
+  m.impl("gumbel_nm_mask_backward", TORCH_BOX(&semisparse::gumbel::mask_backward_cuda));
+  m.impl("gumbel_nm_masked_weight_backward", TORCH_BOX(&semisparse::gumbel::masked_weight_backward_cuda));
 }

@@ -25,6 +25,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "common/cuda_launch.cuh"
 #include "sparse24/sparse24_checks.h"
 #include "sparse24/sparse24_cpu.h"  // DType, kCodeFromMask (plain C++, shared with the CPU)
 
@@ -169,29 +170,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------ launching
-cudaStream_t current_stream(int32_t device_index) {
-  void* stream = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream) == AOTI_TORCH_SUCCESS,
-                  "semisparse: could not get the current CUDA stream of device ", device_index);
-  return static_cast<cudaStream_t>(stream);
-}
+using common::check_launch;
+using common::current_stream;
 
 unsigned grid_for(int64_t work, int32_t device_index) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess ||
-      sms <= 0) {
-    (void)cudaGetLastError();  // clear it; fall back to a fixed cap
-    sms = 128;
-  }
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sms) * 32;  // grid-stride beyond this
-  return static_cast<unsigned>(blocks < cap ? blocks : cap);
-}
-
-void check_launch(const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  STD_TORCH_CHECK(err == cudaSuccess, "semisparse: ", op, " CUDA kernel launch failed: ",
-                  cudaGetErrorName(err), ": ", cudaGetErrorString(err));
+  return common::grid_for(work, device_index, kThreads, 32);
 }
 
 bool aligned(const void* p, size_t bytes) {
