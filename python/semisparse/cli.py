@@ -288,12 +288,6 @@ def _prune_maskllm(a, device, dtype) -> int:
 _FACTORIZE_METHODS = ("dsformer", "lowrank")
 
 
-def _is_causal_lm(model) -> bool:
-    """As :func:`semisparse.dsformer.stf_loss` decides whether the model has its own LM loss."""
-    name = type(model).__name__
-    return "CausalLM" in name or "LMHead" in name
-
-
 def _factorize_options(a) -> dict:
     """Check the dsformer / lowrank flags (before anything is loaded); the resolved options."""
     from .dsformer import parse_pattern as nm_pattern
@@ -391,6 +385,7 @@ def _prune_factorize(a, device, dtype) -> int:
     from .eval import perplexity
     from .hf import save_pretrained
     from .io import atomic_write_bytes
+    from .train.outputs import is_causal_lm
 
     opts = _factorize_options(a)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -406,7 +401,7 @@ def _prune_factorize(a, device, dtype) -> int:
         tok = None
         print(f"note: no tokenizer in {a.model}; the output folder will have none")
     train = a.steps > 0
-    if train and opts["distill"] < 1 and not _is_causal_lm(model):
+    if train and opts["distill"] < 1 and not is_causal_lm(model):
         raise UsageError(f"--steps: {type(model).__name__} has no language-model loss; train it with --distill 1 "
                          "(KL to the dense model only)")
     data = None

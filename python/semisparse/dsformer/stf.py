@@ -28,6 +28,7 @@ from torch import nn
 
 from ..nn.dense_sparse_linear import DenseSparseLinear
 from ..train import TrainConfig, TrainResult, train
+from ..train.outputs import is_causal_lm, logit_kl, logits_of
 
 __all__ = ["dense_sparse_layers", "export", "freeze_masks", "stf_loss", "train_stf"]
 
@@ -94,20 +95,8 @@ class _FrozenMaskState:
             self.user.load_state_dict({k[len("user."):]: v for k, v in sd.items() if k.startswith("user.")})
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    name = type(getattr(model, "module", model)).__name__
-    return "CausalLM" in name or "LMHead" in name
-
-
 def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    lg = getattr(out, "logits", None)
-    if isinstance(lg, torch.Tensor):
-        return lg
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ValueError(f"train_stf: cannot find logits in the model's output ({type(out).__name__}); pass loss_fn")
+    return logits_of(out, "train_stf", "pass loss_fn")
 
 
 def _call(model, inputs):
@@ -118,19 +107,10 @@ def _call(model, inputs):
     return model(inputs)
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    s = student.float().reshape(-1, student.shape[-1])
-    t = teacher.float().reshape(-1, teacher.shape[-1])
-    if s.shape != t.shape:
-        raise ValueError(f"train_stf: teacher logits {tuple(teacher.shape)} do not match the student's {tuple(student.shape)}")
-    return F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                    reduction="batchmean", log_target=True)
-
-
 def stf_loss(model, batch, teacher=None, distill: float = 0.0, temperature: float = 1.0):
     """The default loss of :func:`train_stf` (see the module docs): ``(loss, metrics)``."""
     metrics = {}
-    lm = _is_causal_lm(model)
+    lm = is_causal_lm(model)
     if (isinstance(batch, Mapping) and ("labels" in batch or lm)) or (lm and isinstance(batch, torch.Tensor)):
         inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
         t_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -161,7 +141,7 @@ def stf_loss(model, batch, teacher=None, distill: float = 0.0, temperature: floa
     if distill > 0:
         with torch.no_grad():
             t_logits = _logits(_call(teacher, t_inputs))
-        kl = _kl(logits, t_logits, temperature)
+        kl = logit_kl(logits, t_logits, temperature, where="train_stf")
         loss = loss + distill * temperature ** 2 * kl
         metrics["kl"] = float(kl.detach())
     return loss, metrics

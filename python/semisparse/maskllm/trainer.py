@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import train as _train
 from ..pruning.patterns import parse_pattern
+from ..train.outputs import is_causal_lm, logit_kl, logits_of
 from .model import add_masks, changed_fraction, mask_layers, masks_disabled, sampling_state
 from .schedule import SCHEDULES, Schedule
 
@@ -207,8 +208,7 @@ def _inputs(batch):
 def _resolve_loss(model: nn.Module, loss: str) -> str:
     if loss != "auto":
         return loss
-    name = type(model).__name__
-    if "CausalLM" in name or "LMHead" in name:
+    if is_causal_lm(model):
         return "lm"
     get = getattr(model, "get_output_embeddings", None)
     if callable(get) and get() is not None:
@@ -217,14 +217,7 @@ def _resolve_loss(model: nn.Module, loss: str) -> str:
 
 
 def _logits_of(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    lg = getattr(out, "logits", None)
-    if lg is None and isinstance(out, (tuple, list)):
-        lg = out[0]
-    if lg is None:
-        raise ValueError("train_masks: the model returned no logits; use loss='mse' (hidden-state distillation)")
-    return lg
+    return logits_of(out, "train_masks", "use loss='mse' (hidden-state distillation)")
 
 
 def _hidden_of(model, inputs):
@@ -272,8 +265,7 @@ def _builtin_task_loss(kind: str, model, inputs) -> torch.Tensor:
         with _teacher(model):
             t = _logits_of(model(**inputs)).float()
         s = _logits_of(model(**inputs)).float()
-        return F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2),
-                        log_target=True, reduction="batchmean")
+        return logit_kl(s, t, where="train_masks")
     # mse on the last hidden state
     with _teacher(model):
         t = _hidden_of(model, inputs).float()
