@@ -369,8 +369,8 @@ def factorize(model: nn.Module, compression: float | None = _UNSET, k: int | Non
                 continue
         chosen.append((name, kk, bl))
     if not chosen:
-        what = "every selected layer is too small" if blocks == 1 else "no selected layer can be factorised"
-        raise ValueError(f"{where}: {what}: {report.skipped}")
+        raise ValueError(f"{where}: no selected layer can be factorised (each is too small for the budget "
+                         f"or its row blocks): {report.skipped}")
 
     grams = collect_grams(model, [c[0] for c in chosen], calib) if init == "data" else {}
     for name, kk, bl in chosen:
