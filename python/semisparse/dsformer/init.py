@@ -29,7 +29,7 @@ import torch
 from ..formats.sparse24 import nm_mask
 from ..nn.dense_sparse_linear import check_k, parse_pattern
 
-__all__ = ["Factorization", "damped_gram", "gram", "init_data_aware", "init_svd_alternating", "relative_error"]
+__all__ = ["Factorization", "damped_gram", "gram", "init_data_aware", "init_data_aware_blocks", "init_svd_alternating", "relative_error"]
 
 
 class Factorization(NamedTuple):
@@ -165,8 +165,20 @@ def init_data_aware(
     ``in x in`` and symmetric, unless ``is_gram`` says otherwise). ``damp`` adds
     ``damp * mean(diag H)`` to the diagonal. ``errors`` are relative X-weighted errors under
     the damped ``H``."""
+    return init_data_aware_blocks(W, X_or_gram, k, 1, pattern, iters, damp, is_gram, cg_iters)[0][0]
+
+
+def init_data_aware_blocks(
+    W: torch.Tensor, X_or_gram: torch.Tensor, k: int, blocks: int, pattern="2:4", iters: int = 10,
+    damp: float = 0.01, is_gram: bool | None = None, cg_iters: int = 10,
+) -> tuple[list[Factorization], torch.Tensor]:
+    """:func:`init_data_aware` on each of ``blocks`` equal contiguous row blocks of ``W``
+    (per-row-block bases): the blocks share their input, so one damped Gram ``H`` and one
+    Cholesky factor serve them all. Returns the blocks' factorizations and ``H`` (float64)."""
     n, m = _check(W, k, pattern, iters, "init_data_aware", cg_iters)
-    in_f = W.shape[1]
+    out_f, in_f = W.shape
+    if not isinstance(blocks, int) or blocks < 1 or out_f % blocks:
+        raise ValueError(f"init_data_aware: blocks must be a positive integer dividing out={out_f}, got {blocks!r}")
     A = X_or_gram.detach().double().to(W.device)
     if is_gram is None:
         is_gram = A.dim() == 2 and tuple(A.shape) == (in_f, in_f) and bool(torch.allclose(A, A.T))
@@ -175,7 +187,12 @@ def init_data_aware(
         raise ValueError(f"init_data_aware: the Gram matrix must be [{in_f}, {in_f}], got {tuple(H.shape)}")
     H = damped_gram(H, damp)
     L = torch.linalg.cholesky(H)  # H = L L^T
-    S, Dp, errors, best = _alternate(W.detach().double() @ L, k, n, m, iters, cg_iters)
-    # D = D' L^{-1}  <=>  D L = D'  <=>  L^T D^T = D'^T
-    D = torch.linalg.solve_triangular(L.T, Dp.T, upper=True).T
-    return Factorization(S.to(W.dtype), D.to(W.dtype), errors, best)
+    WL = W.detach().double() @ L
+    r = out_f // blocks
+    results = []
+    for b in range(blocks):
+        S, Dp, errors, best = _alternate(WL[b * r:(b + 1) * r], k, n, m, iters, cg_iters)
+        # D = D' L^{-1}  <=>  D L = D'  <=>  L^T D^T = D'^T
+        D = torch.linalg.solve_triangular(L.T, Dp.T, upper=True).T
+        results.append(Factorization(S.to(W.dtype), D.to(W.dtype), errors, best))
+    return results, H

@@ -386,7 +386,7 @@ class DenseSparseLinear(nn.Module):
         input). ``init_errors`` then holds, per iteration, the relative error of the whole
         ``W`` with every block at that iteration, and ``init_error`` (always set) the relative
         error of the returned factorisation (each block's best iterate)."""
-        from ..dsformer.init import damped_gram, init_data_aware, init_svd_alternating
+        from ..dsformer.init import init_data_aware_blocks, init_svd_alternating
 
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"DenseSparseLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
@@ -404,13 +404,10 @@ class DenseSparseLinear(nn.Module):
         if init not in ("svd", "data"):
             raise ValueError(f"DenseSparseLinear.from_linear: init must be 'svd' or 'data', got {init!r}")
         r = out_f // blocks
-        results = []
-        for b in range(blocks):
-            wb = w[b * r:(b + 1) * r]
-            if init == "svd":
-                results.append(init_svd_alternating(wb, k, pattern, iters=iters))
-            else:
-                results.append(init_data_aware(wb, calib_gram, k, pattern, iters=iters, damp=damp, is_gram=True))
+        if init == "svd":
+            results = [init_svd_alternating(w[b * r:(b + 1) * r], k, pattern, iters=iters) for b in range(blocks)]
+        else:  # one damped Gram and Cholesky factor for every block (they share the input)
+            results, hd = init_data_aware_blocks(w, calib_gram, k, blocks, pattern, iters=iters, damp=damp, is_gram=True)
         mod = cls(in_f, out_f, k, pattern=pattern, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
                   blocks=blocks)
         with torch.no_grad():
@@ -427,7 +424,6 @@ class DenseSparseLinear(nn.Module):
             # (X-weighted: tr(W_b H W_b^T) with the damped H the init used)
             wd = w.double()
             if init == "data":
-                hd = damped_gram(calib_gram.detach().double().to(w.device), damp)
                 norms = [float(((wd[b * r:(b + 1) * r] @ hd) * wd[b * r:(b + 1) * r]).sum()) for b in range(blocks)]
             else:
                 norms = [float(wd[b * r:(b + 1) * r].square().sum()) for b in range(blocks)]
