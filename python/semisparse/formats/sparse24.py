@@ -8,9 +8,9 @@ import torch
 
 from ..ops import sparse24 as _ops
 
-__all__ = ["nm_mask", "Sparse24", "LAYOUTS"]
+__all__ = ["nm_mask", "Sparse24", "LAYOUTS", "preferred_layout"]
 
-LAYOUTS = ("cpu", "cutlass_sm80")
+LAYOUTS = _ops.LAYOUTS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: generic kernels only
 
 
@@ -49,47 +49,38 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-# ------------------------------------------------------ CUTLASS sm80 metadata
-def _cutlass_meta_offsets(rows: int, ncols: int, device) -> torch.Tensor:
-    """Position in CUTLASS's ColumnMajorInterleaved<2> metadata of every int16 word
-    (row, col) of the row-major metadata (16-bit element types: rows grouped by 32,
-    interleaved by 4, then 2x2 blocks transposed)."""
-    r = torch.arange(rows, device=device).unsqueeze(1).expand(rows, ncols)
-    c = torch.arange(ncols, device=device).unsqueeze(0).expand(rows, ncols)
-    r = (r // 32) * 32 + (r % 8) * 4 + (r % 32) // 8
-    swap_up = (r % 2 == 0) & (c % 2 == 1)  # top-right of a 2x2 block -> bottom-left
-    swap_dn = (r % 2 == 1) & (c % 2 == 0)
-    d = swap_up.long() - swap_dn.long()
-    r = r + d
-    c = c - d
-    return ((c // 2) * rows * 2 + r * 2 + (c % 2)).reshape(-1)
-
-
-def _meta_cpu_to_cutlass(meta: torch.Tensor, k: int) -> torch.Tensor:
-    rows = meta.shape[0]
-    words = meta.contiguous().view(torch.int16)  # 4 groups per little-endian int16
-    ncols = k // 16
-    out = torch.empty(rows * ncols, dtype=torch.int16, device=meta.device)
-    out[_cutlass_meta_offsets(rows, ncols, meta.device)] = words.reshape(-1)
-    return out.view(rows, ncols)
-
-
-def _meta_cutlass_to_cpu(meta: torch.Tensor) -> torch.Tensor:
-    rows, ncols = meta.shape
-    words = meta.reshape(-1)[_cutlass_meta_offsets(rows, ncols, meta.device)]
-    return words.view(rows, ncols).contiguous().view(torch.uint8)
-
-
 # ----------------------------------------------------------------- the format
+def preferred_layout(device, dtype: torch.dtype, n: int, k: int) -> str:
+    """The layout whose kernels run fastest for an ``[n, k]`` 2:4 matrix of ``dtype`` on
+    ``device``: ``"cutlass_sm90"`` on compute capability 9.0 when the shape fits,
+    ``"cutlass_sm80"`` on 8.x and 9.0 (the CUTLASS 2.x kernel is built for both),
+    ``"cpu"`` otherwise (on a GPU that means unpack + cuBLAS)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0) and n % 64 == 0 and k % 64 == 0:
+        return "cutlass_sm90"
+    if major in (8, 9) and n % 32 == 0 and k % 32 == 0:
+        return "cutlass_sm80"
+    return "cpu"
+
+
 class Sparse24:
     """A 2:4 semi-structured sparse matrix ``[N, K]`` stored as kept values plus
     2-bit-per-value metadata.
 
-    ``layout="cpu"``: values ``[N, K/2]`` and meta ``[N, ceil(K/8)]`` uint8 (see
-    :mod:`semisparse.ops.sparse24`); what the CPU kernels read. ``layout="cutlass_sm80"``
-    (fp16/bf16, ``N % 32 == 0``, ``K % 32 == 0``): values ``[N, K/2]`` and meta
-    ``[N, K/16]`` int16, bit-identical to
-    ``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``.
+    ``values`` is ``[N, K/2]`` (the kept entries of each group of 4, in column order) in
+    every layout; ``meta`` depends on the layout (see :mod:`semisparse.ops.sparse24`):
+
+    * ``"cpu"``: uint8 ``[N, ceil(K/8)]``; what the CPU kernels read.
+    * ``"cutlass_sm80"`` (fp16/bf16, ``N % 32 == 0``, ``K % 32 == 0``): int16 ``[N, K/16]``,
+      bit-identical to
+      ``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``.
+    * ``"cutlass_sm90"`` (fp16/bf16, ``N % 64 == 0``, ``K % 64 == 0``): uint8
+      ``[K/64, N/64, 512]``, CUTLASS 3.x's sm90 metadata layout.
+
+    ``from_dense`` / ``to_dense`` run on the tensor's device (CUDA kernels for CUDA tensors).
     """
 
     __slots__ = ("values", "meta", "shape", "layout")
@@ -103,19 +94,14 @@ class Sparse24:
         n, k = shape
         if tuple(values.shape) != (n, k // 2):
             raise ValueError(f"Sparse24: values must have shape {(n, k // 2)}, got {tuple(values.shape)}")
-        if layout == "cutlass_sm80" and (n % 32 or k % 32):
-            raise ValueError(
-                f"Sparse24: layout='cutlass_sm80' needs rows a multiple of 32 and columns a multiple of 32, "
-                f"got shape {tuple(shape)}"
-            )
-        want = (n, _ops.meta_cols(k)) if layout == "cpu" else (n, k // 16)
-        mdt = torch.uint8 if layout == "cpu" else torch.int16
+        _ops.check_layout_shape(layout, n, k, values.dtype, "Sparse24")
+        want, mdt = _ops.layout_meta_spec(layout, n, k)
         if tuple(meta.shape) != want or meta.dtype != mdt:
             raise ValueError(
                 f"Sparse24: {layout} meta must be {mdt} of shape {want}, got {meta.dtype} {tuple(meta.shape)}"
             )
-        if layout == "cpu" and meta.device.type != "meta":
-            _ops.check_meta(meta, k, where="Sparse24")
+        if meta.device.type != "meta":
+            _ops.check_meta(_ops.meta_to_cpu(meta, layout, n, k), k, where="Sparse24")
         self.values, self.meta, self.shape, self.layout = values, meta, shape, layout
 
     # -------------------------------------------------------------- building
@@ -123,37 +109,27 @@ class Sparse24:
     def from_dense(cls, w: torch.Tensor, layout: str = "cpu", prune: bool = False) -> "Sparse24":
         """Compress a 2-D tensor that is already 2:4 sparse (at most 2 non-zeros in every
         group of 4 along the last dim). With ``prune=True`` the 2 largest-magnitude
-        entries of each group are kept instead of raising."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"Sparse24.from_dense: layout must be one of {LAYOUTS}, got {layout!r}")
+        entries of each group are kept instead of raising (ties: the lower index; NaN is
+        pruned first). ``layout="auto"`` picks :func:`preferred_layout` for ``w``'s device.
+        Runs on ``w``'s device."""
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"Sparse24.from_dense: expected a 2-D tensor (N, K), got {got}")
+        if layout == "auto":
+            layout = preferred_layout(w.device, w.dtype, *w.shape)
+        if layout not in LAYOUTS:
+            raise ValueError(f"Sparse24.from_dense: layout must be one of {LAYOUTS + ('auto',)}, got {layout!r}")
         if w.dtype not in _DTYPES:
             raise TypeError(f"Sparse24.from_dense: dtype must be one of float32, bfloat16, float16, float64, got {w.dtype}")
         n, k = w.shape
-        if layout == "cutlass_sm80":
-            if w.dtype == torch.float32:
-                raise TypeError(
-                    "Sparse24.from_dense: layout='cutlass_sm80' takes float16 or bfloat16 "
-                    "(CUTLASS treats float32 as 1:2 tf32), got torch.float32"
-                )
-            # K % 32: the metadata ([N, K/16] int16) is interleaved in 2x2 blocks of words
-            # (ColumnMajorInterleaved<2>), so it needs an even number of columns; PyTorch's
-            # sparse_semi_structured_from_dense_cutlass fails the same way for K % 32 == 16.
-            if n % 32 or k % 32:
-                raise ValueError(
-                    f"Sparse24.from_dense: layout='cutlass_sm80' needs rows a multiple of 32 and "
-                    f"columns a multiple of 32, got shape {tuple(w.shape)}"
-                )
-        elif k % 4:
-            raise ValueError(
-                f"Sparse24.from_dense: the last dim must be a multiple of 4, got shape {tuple(w.shape)}"
+        if layout != "cpu" and w.dtype == torch.float32:
+            raise TypeError(
+                f"Sparse24.from_dense: layout={layout!r} takes float16 or bfloat16 "
+                "(CUTLASS treats float32 as 1:2 tf32), got torch.float32"
             )
+        _ops.check_layout_shape(layout, n, k, w.dtype, "Sparse24.from_dense")
         w = w.detach()
-        if prune:
-            w = w * nm_mask(w.abs(), 2, 4)
-        else:
+        if not prune:
             counts = (w != 0).reshape(n, k // 4, 4).sum(-1)
             bad = counts > 2
             if bool(bad.any()):
@@ -163,23 +139,30 @@ class Sparse24:
                     f"row {r}, columns {4 * g}..{4 * g + 3} has {int(counts[r, g])} non-zeros (at most 2 "
                     f"allowed); pass prune=True to keep the 2 largest-magnitude entries of each group"
                 )
-        values, meta = torch.ops.semisparse.sparse24_compress(w.contiguous())
-        if layout == "cutlass_sm80":
-            meta = _meta_cpu_to_cutlass(meta, k)
+        values, meta = torch.ops.semisparse.sparse24_pack(w.contiguous(), layout, prune)
         return cls(values, meta, (n, k), layout)
 
     # ------------------------------------------------------------- accessors
     def cpu_meta(self) -> torch.Tensor:
-        """The metadata in the "cpu" layout (a copy for cutlass_sm80)."""
-        return self.meta if self.layout == "cpu" else _meta_cutlass_to_cpu(self.meta)
+        """The metadata in the "cpu" layout (a reordered copy for the GPU layouts)."""
+        return _ops.meta_to_cpu(self.meta, self.layout, *self.shape)
 
     def to_dense(self) -> torch.Tensor:
-        return torch.ops.semisparse.sparse24_decompress(self.values, self.cpu_meta())
+        """The dense ``[N, K]`` matrix (pruned positions +0.0), on the values' device."""
+        return torch.ops.semisparse.sparse24_unpack(self.values, self.meta, self.layout)
 
     def to_layout(self, layout: str) -> "Sparse24":
+        """The same matrix in another layout (the values are shared: only the metadata moves)."""
         if layout == self.layout:
             return self
-        return Sparse24.from_dense(self.to_dense(), layout=layout)
+        n, k = self.shape
+        _ops.check_layout_shape(layout, n, k, self.dtype, "Sparse24.to_layout")
+        meta = _ops.meta_from_cpu(self.cpu_meta().contiguous(), layout, n, k)
+        return Sparse24(self.values, meta, self.shape, layout)
+
+    def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+        """``activation(x @ self^T + bias)`` with the fused kernel of this layout."""
+        return torch.ops.semisparse.sparse24_mm(x, self.values, self.meta, self.layout, bias, activation)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.sparse24 import Sparse24, nm_mask
+from ..formats.sparse24 import Sparse24, nm_mask, preferred_layout
 from ..io import load_module_file, save_module_file
 from ..ops import sparse24 as _ops
 
@@ -16,12 +16,20 @@ _FORMAT_VERSION = 1
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W^T + b`` with ``W`` 2:4 sparse in the "cpu" layout.
+    """``y = x @ W^T + b`` with ``W`` 2:4 sparse.
 
     Parameters: ``values`` ``[out, in/2]`` (trainable: the kept weights; the mask is
-    fixed), buffer ``meta`` ``[out, ceil(in/8)]`` uint8, and ``bias`` like ``nn.Linear``.
+    fixed), buffer ``meta`` ``[out, ceil(in/8)]`` uint8 in the "cpu" layout (what the
+    state dict and files hold, on every device), and ``bias`` like ``nn.Linear``.
     The forward signature, ``in_features``, ``out_features`` and ``bias`` match
     ``nn.Linear``; ``weight`` returns the dense (decompressed) weight.
+
+    On a CUDA device with float16 / bfloat16 weights the module also keeps the metadata in
+    the GPU's layout (:func:`~semisparse.formats.sparse24.preferred_layout`; the
+    non-persistent buffer ``meta_gpu``, rebuilt whenever the module moves or loads a state
+    dict) and runs the CUDA 2:4 kernels through ``semisparse::sparse24_mm``; the
+    backward uses the dense transposed product for the input gradient and an SDDMM for
+    the kept weights. ``layout`` says which layout the forward uses.
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -42,6 +50,25 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.layout = "cpu"
+        self.register_buffer("meta_gpu", None, persistent=False)
+        self._sync_layout()
+
+    def _sync_layout(self) -> None:
+        """Rebuild ``meta_gpu`` / ``layout`` for the current device and dtype."""
+        v = self.values
+        layout = preferred_layout(v.device, v.dtype, self.out_features, self.in_features)
+        with torch.no_grad():
+            self.meta_gpu = (
+                None if layout == "cpu"
+                else _ops.meta_from_cpu(self.meta.contiguous(), layout, self.out_features, self.in_features)
+            )
+        self.layout = layout
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._sync_layout()
+        return out
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -84,6 +111,7 @@ class SparseLinear(nn.Module):
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
         mod.values.requires_grad_(linear.weight.requires_grad)
+        mod._sync_layout()
         return mod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -92,9 +120,12 @@ class SparseLinear(nn.Module):
         if isinstance(meta, torch.Tensor) and meta.dtype == torch.uint8 and meta.shape == self.meta.shape:
             _ops.check_meta(meta, self.in_features, where=f"SparseLinear.load_state_dict({prefix}meta)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_layout()
 
     # -------------------------------------------------------------- compute
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.layout != "cpu":
+            return torch.ops.semisparse.sparse24_mm(input, self.values, self.meta_gpu, self.layout, self.bias, "none")
         return torch.ops.semisparse.sparse24_linear(input, self.values, self.meta, self.bias)
 
     @property
