@@ -103,22 +103,24 @@ def test_sparse24_from_dense_on_gpu(layout):
 
 # ------------------------------------------------------------------- the GEMM
 def _check_mm(layout, dtype, m_rows, n, k, activation, with_bias, kernel, seed=0):
-    g = torch.Generator().manual_seed(seed * 7919 + m_rows * 31 + n + k)
-    w = random_24(n, k, dtype, generator=g)
-    x = torch.randn(m_rows, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
-    v, meta = pack(w, layout)
+    """Inputs are made on the GPU (fresh per call); the reference is the pure-torch
+    mm_reference (fp32, run on the GPU too) reading the packed weight through the Python
+    layout code, so a kernel that misreads the layout fails."""
+    g = torch.Generator(device="cuda").manual_seed(seed * 7919 + m_rows * 31 + n + k)
+    w = torch.randn(n, k, generator=g, device="cuda").to(dtype)
+    w = ops.prune_reference(w)
+    x = torch.randn(m_rows, k, generator=g, device="cuda").to(dtype)
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if with_bias else None
+    v, meta = ops.pack_reference(w, layout)
     y_ref = ops.mm_reference(x, v, meta, layout, b, activation)
-    xc, vc, mc = x.cuda(), v.cuda(), meta.cuda()
-    bc = None if b is None else b.cuda()
     _poison()
     with _Kernel(kernel):
-        y = mm(xc, vc, mc, layout, bc, activation)
+        y = mm(x, v, meta, layout, b, activation)
     torch.cuda.synchronize()
     assert y.shape == (m_rows, n) and y.dtype == dtype
     assert not torch.isnan(y).any(), "output not fully written"
     rtol, atol = linear_tol(dtype, k)
-    torch.testing.assert_close(y.cpu().float(), y_ref.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", HALF)
