@@ -1,0 +1,38 @@
+// fp16 entry points of the Hopper (sm90a) 2:4 sparse GEMM: gemm_sm90_f16 and
+// gemm_sm90_workspace (for both dtypes; the bf16 half lives in gemm_sm90_bf16.cu).
+// The kernels themselves are CUTLASS 3.x warp-specialized sparse GEMMs configured in
+// gemm_sm90.cuh; this TU instantiates them for cutlass::half_t and the epilogue
+// activations none, relu, gelu (erf) and silu: 2 tile shapes x 4 activations = 8 kernels.
+// Compiled for sm_80 and sm_90a; the kernel bodies only exist in the sm_90a pass.
+#include "sparse24/gemm_sm90.cuh"
+
+namespace semisparse::sparse24 {
+
+#if defined(SEMISPARSE_HAVE_CUTLASS)
+
+namespace sm90 {
+template const char* run<cutlass::half_t, Activation::kNone>(const GemmArgs&, int);
+template const char* run<cutlass::half_t, Activation::kRelu>(const GemmArgs&, int);
+template const char* run<cutlass::half_t, Activation::kGelu>(const GemmArgs&, int);
+template const char* run<cutlass::half_t, Activation::kSilu>(const GemmArgs&, int);
+
+size_t workspace_f16(const GemmArgs& a) { return workspace<cutlass::half_t>(a); }
+}  // namespace sm90
+
+const char* gemm_sm90_f16(const GemmArgs& a) {
+  if (a.dtype != GemmDType::kF16) return "sm90 sparse GEMM: gemm_sm90_f16 called with a non-fp16 problem";
+  return sm90::dispatch<cutlass::half_t>(a);
+}
+
+size_t gemm_sm90_workspace(const GemmArgs& a) {
+  return a.dtype == GemmDType::kF16 ? sm90::workspace_f16(a) : sm90::workspace_bf16(a);
+}
+
+#else  // !SEMISPARSE_HAVE_CUTLASS
+
+const char* gemm_sm90_f16(const GemmArgs&) { return "sm90 sparse GEMM: semisparse was built without CUTLASS"; }
+size_t gemm_sm90_workspace(const GemmArgs&) { return 0; }
+
+#endif
+
+}  // namespace semisparse::sparse24
