@@ -28,17 +28,20 @@ $PY -c "import semisparse, torch; print('torch', torch.__version__); [print(k, v
   | tee "$OUT/native.txt"
 
 echo "== CUDA tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_sparse24_cuda.py tests/test_sparse24_gemm_cuda.py tests/test_gumbel_cuda.py > "$OUT/tests.log" 2>&1
+$PY -m pytest -q -p no:cacheprovider tests/test_sparse24_cuda.py tests/test_sparse24_gemm_cuda.py tests/test_gumbel_cuda.py \
+  tests/test_bsr_cuda.py tests/test_block_attention_cuda.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -5 "$OUT/tests.log"
 
 echo "== benchmarks"
 $PY bench/gpu/sparse24_bench.py --reps 20 > "$OUT/sparse24.txt" 2>&1 || true
 $PY bench/gpu/gumbel_bench.py --size 8192 --reps 20 > "$OUT/gumbel.txt" 2>&1 || true
+$PY bench/gpu/blocksparse_bench.py --reps 20 > "$OUT/blocksparse.txt" 2>&1 || true
 
 echo
 echo "== summary ($((SECONDS - t0)) s)"
 echo "tests: rc $tests_rc, $(grep -E 'passed|failed' "$OUT/tests.log" | tail -1)"
 cat "$OUT/sparse24.txt"
 cat "$OUT/gumbel.txt"
+cat "$OUT/blocksparse.txt"
 exit $tests_rc
