@@ -4,9 +4,19 @@
 # -DCUTLASS_DIR=... or the CUTLASS_DIR environment variable (a folder that holds
 # include/cutlass, or the wheel's cutlass_library/source). When none is found (an
 # isolated build environment, say) and SEMISPARSE_FETCH_CUTLASS is ON, the wheel is
-# fetched with `pip download --no-deps` into the build folder and unpacked there; an
-# offline build without it goes on without CUTLASS (nothing needs it yet).
+# fetched with `pip download --no-deps` into the build folder and unpacked there (with the
+# build's Python, else a pip on PATH: an isolated build environment may have no pip). A
+# build without CUTLASS still works -- the CUTLASS 2:4 GEMM entry points then say "built
+# without CUTLASS" and sparse24_mm takes its other kernels -- unless
+# SEMISPARSE_REQUIRE_CUTLASS is ON (or the environment variable of that name is 1): then
+# it fails here. CI sets it.
 option(SEMISPARSE_FETCH_CUTLASS "pip download the nvidia-cutlass wheel when its headers are not found" ON)
+if(DEFINED ENV{SEMISPARSE_REQUIRE_CUTLASS} AND "$ENV{SEMISPARSE_REQUIRE_CUTLASS}" STREQUAL "1")
+  set(_cutlass_required_default ON)
+else()
+  set(_cutlass_required_default OFF)
+endif()
+option(SEMISPARSE_REQUIRE_CUTLASS "fail the configure step when the CUTLASS headers cannot be found" ${_cutlass_required_default})
 set(SEMISPARSE_CUTLASS_VERSION "4.2.0.0")
 set(_cutlass_hints)
 if(DEFINED CUTLASS_DIR)
@@ -31,6 +41,15 @@ if(SEMISPARSE_FETCH_CUTLASS AND NOT _cutlass_py AND NOT DEFINED CUTLASS_DIR AND 
     COMMAND ${Python3_EXECUTABLE} -m pip download --no-deps --quiet --disable-pip-version-check
             -d "${CMAKE_BINARY_DIR}/_cutlass_dl" "nvidia-cutlass==${SEMISPARSE_CUTLASS_VERSION}"
     RESULT_VARIABLE _dl_rc OUTPUT_QUIET ERROR_QUIET)
+  if(NOT _dl_rc EQUAL 0)
+    find_program(_semisparse_pip NAMES pip3 pip)
+    if(_semisparse_pip)
+      execute_process(
+        COMMAND ${_semisparse_pip} download --no-deps --quiet --disable-pip-version-check
+                -d "${CMAKE_BINARY_DIR}/_cutlass_dl" "nvidia-cutlass==${SEMISPARSE_CUTLASS_VERSION}"
+        RESULT_VARIABLE _dl_rc OUTPUT_QUIET ERROR_QUIET)
+    endif()
+  endif()
   file(GLOB _cutlass_whl "${CMAKE_BINARY_DIR}/_cutlass_dl/nvidia_cutlass-*.whl")
   if(_dl_rc EQUAL 0 AND _cutlass_whl)
     list(GET _cutlass_whl 0 _cutlass_whl)
@@ -53,6 +72,9 @@ foreach(_h IN LISTS _cutlass_hints)
 endforeach()
 if(SEMISPARSE_CUTLASS_INCLUDE)
   message(STATUS "semisparse: CUTLASS headers at ${SEMISPARSE_CUTLASS_INCLUDE}")
+elseif(SEMISPARSE_REQUIRE_CUTLASS)
+  message(FATAL_ERROR "semisparse: CUTLASS headers not found and SEMISPARSE_REQUIRE_CUTLASS is on: "
+                      "pip install --no-deps nvidia-cutlass==${SEMISPARSE_CUTLASS_VERSION}, or set CUTLASS_DIR")
 else()
   message(STATUS "semisparse: CUTLASS headers not found (pip install --no-deps nvidia-cutlass==4.2.0.0)")
 endif()
