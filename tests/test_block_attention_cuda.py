@@ -8,6 +8,8 @@ the native CUDA library has these kernels."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,22 @@ def _mask(kind, B, Hq, Lq, Lk, bq, bk):
     return m.cuda()
 
 
+@pytest.fixture
+def kernel(request):
+    """Force a path with SEMISPARSE_BLOCK_ATTENTION_KERNEL (auto | flash | simt) for one test:
+    a forced 'flash' raises rather than falling back, so the tensor-core path is really tested."""
+    old = os.environ.get("SEMISPARSE_BLOCK_ATTENTION_KERNEL")
+
+    def set_(name):
+        os.environ["SEMISPARSE_BLOCK_ATTENTION_KERNEL"] = name
+
+    yield set_
+    if old is None:
+        os.environ.pop("SEMISPARSE_BLOCK_ATTENTION_KERNEL", None)
+    else:
+        os.environ["SEMISPARSE_BLOCK_ATTENTION_KERNEL"] = old
+
+
 def _check(B, Hq, Hkv, Lq, Lk, D, bq, bk, kind, causal, dtype, seed=0):
     q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed)
     m = _mask(kind, B, Hq, Lq, Lk, bq, bk)
@@ -93,12 +111,15 @@ def _check(B, Hq, Hkv, Lq, Lk, D, bq, bk, kind, causal, dtype, seed=0):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("kind", ["causal", "sliding", "global", "random", "all", "empty_rows", "none"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fast_path(dtype, D, kind, causal):
+@pytest.mark.parametrize("path", ["flash", "simt"])
+def test_fast_path(dtype, D, kind, causal, path, kernel):
+    kernel(path)
     _check(2, 4, 2, 300, 260, D, 64, 64, kind, causal, dtype)
 
 
 @pytest.mark.parametrize("bq,bk", [(16, 16), (32, 64), (128, 128), (128, 64), (48, 80)])
-def test_block_sizes(bq, bk):
+def test_block_sizes(bq, bk, kernel):
+    kernel("flash")
     _check(1, 2, 1, 257, 384, 64, bq, bk, "random", False, torch.bfloat16, seed=2)
     _check(1, 2, 2, 256, 256, 128, bq, bk, "causal", True, torch.float16, seed=3)
 

@@ -7,6 +7,9 @@ with a C++ compiler (no GPU): each program in tests/host_sim/ is compiled and ru
   fragment layouts; y compared exactly with x @ W^T.
 * sim_pack.cpp: the GPU pack / unpack kernels' placement (inverse maps), prune rule and
   encoding against an independent reference, every layout and dtype.
+* sim_block_attention.cpp: the block-sparse attention kernels' work lists, cp.async /
+  ldmatrix / mma fragment maps, masks, online softmax and backward, per CTA / warp / lane,
+  against a float64 reference (quick mode here).
 * sim_sm80_meta.cpp: sm80_meta_word against CUTLASS's own host reorder_meta and
   uncompress (needs nvcc and the CUTLASS headers).
 * sim_sm90_meta.cpp: sm90_meta_byte against CuTe's layout of the sm90 sparse config the
@@ -59,23 +62,30 @@ def _cuda_include() -> Path | None:
     return None
 
 
-def _run(cmd: list[str], exe: Path) -> str:
+def _run(cmd: list[str], exe: Path, args: list[str] = ()) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"compile failed:\n{r.stderr[-3000:]}"
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{exe.name} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     return r.stdout
 
 
-@pytest.mark.parametrize("name,marker", [("sim_small_m", "SIMULATION PASSED"), ("sim_pack", "PACK SIMULATION PASSED")])
-def test_host_simulation(name, marker, tmp_path):
+@pytest.mark.parametrize(
+    "name,marker,args",
+    [
+        ("sim_small_m", "SIMULATION PASSED", []),
+        ("sim_pack", "PACK SIMULATION PASSED", []),
+        ("sim_block_attention", "SIMULATION PASSED", ["quick"]),  # (the full run: ~35 s more)
+    ],
+)
+def test_host_simulation(name, marker, args, tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     inc = _cuda_include()
     if cxx is None or inc is None:
         pytest.skip("needs a C++ compiler and the CUDA headers (cuda_runtime.h)")
     exe = tmp_path / name
     out = _run([cxx, "-std=c++20", "-O2", "-x", "c++", f"-I{ROOT / 'csrc'}", f"-I{inc}", str(SIM / f"{name}.cpp"),
-                "-o", str(exe)], exe)
+                "-o", str(exe)], exe, args)
     assert marker in out and "(0 failures)" in out, out[-3000:]
 
 
