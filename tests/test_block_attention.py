@@ -425,3 +425,16 @@ def test_module_matches_sdpa():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         BlockSparseAttention(64, 8, num_kv_heads=3)
+
+
+def test_zero_value_dim_still_gives_lse():
+    """Dv == 0: out is empty but lse is still the logsumexp of the allowed scores."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 70, 16, generator=g), torch.randn(1, 1, 50, 16, generator=g)
+    v = torch.randn(1, 1, 50, 0)
+    m = torch.rand(1, 2, 3, 2, generator=g) < 0.6
+    for causal in (False, True):
+        out, lse = OP(q, k, v, m, 32, 32, 0.25, causal)
+        out_ref, lse_ref = ba.block_sparse_attention_reference(q, k, v, m, 32, 32, 0.25, causal)
+        assert out.shape == out_ref.shape == (1, 2, 70, 0)
+        torch.testing.assert_close(lse, lse_ref)

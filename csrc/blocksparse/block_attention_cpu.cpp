@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor> forward_cpu(Tensor q, Tensor k, Tensor v, Tensor bloc
   p.mask = static_cast<const bool*>(mc.const_data_ptr());
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr();
-  if (p.B * p.Hq * p.Lq > 0 && p.Dv > 0) forward(p);
+  if (p.B * p.Hq * p.Lq > 0) forward(p);  // (Dv == 0 still needs lse)
   return {out, lse};
 }
 
