@@ -7,6 +7,8 @@ present and the native CUDA library has these kernels."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -50,6 +52,22 @@ def _bsr(n, k, block, density, dtype, gen, skew=False, empty_rows=()):
     return BlockSparse.from_dense(w, block, mask)
 
 
+@pytest.fixture
+def kernel():
+    """Force a path with SEMISPARSE_BSR_KERNEL (auto | mma | simt): a forced 'mma' raises
+    rather than falling back, so the tensor-core path is really tested."""
+    old = os.environ.get("SEMISPARSE_BSR_KERNEL")
+
+    def set_(name):
+        os.environ["SEMISPARSE_BSR_KERNEL"] = name
+
+    yield set_
+    if old is None:
+        os.environ.pop("SEMISPARSE_BSR_KERNEL", None)
+    else:
+        os.environ["SEMISPARSE_BSR_KERNEL"] = old
+
+
 def _check_all(n, k, m, block, density, dtype, seed=0, **kw):
     gen = torch.Generator(device="cuda").manual_seed(seed + n + k + m)
     w = _bsr(n, k, block, density, dtype, gen, **kw)
@@ -76,13 +94,32 @@ def _check_all(n, k, m, block, density, dtype, seed=0, **kw):
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 17, 128, 1000])
-def test_ops_match_reference(block, dtype, m):
+def test_ops_match_reference(block, dtype, m, kernel):
+    kernel("mma" if dtype in (torch.bfloat16, torch.float16) else "simt")
     _check_all(256, 384, m, block, 0.4, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_simt_path_for_half_types(dtype, kernel):
+    kernel("simt")
+    _check_all(256, 384, 33, (32, 64), 0.4, dtype, seed=9)
+
+
+def test_deterministic():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w = _bsr(2048, 2048, (64, 64), 0.3, torch.bfloat16, gen, skew=True)
+    x = torch.randn(512, 2048, generator=gen, device="cuda").bfloat16()
+    runs = [linear(x, w.values, w.crow_indices, w.col_indices, 2048, None) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    gy = torch.randn(512, 2048, generator=gen, device="cuda").bfloat16()
+    gv = [grad_values(gy, x, w.crow_indices, w.col_indices, 64, 64) for _ in range(3)]
+    assert all(torch.equal(gv[0], r) for r in gv[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [64, 2048])
-def test_large_and_skewed(dtype, m):
+def test_large_and_skewed(dtype, m, kernel):
+    kernel("mma")
     _check_all(2048, 2048, m, (64, 64), 0.25, dtype, seed=1)
     _check_all(2048, 1024, m, (64, 64), 0.25, dtype, seed=2, skew=True)
     _check_all(1024, 2048, m, (32, 32), 0.5, dtype, seed=3, empty_rows=(0, 5, 7))

@@ -361,3 +361,13 @@ def test_module_compile():
     mod.zero_grad()
     mod(x).sum().backward()
     torch.testing.assert_close(gx, x.grad)
+
+
+def test_zero_in_features_gives_bias_on_every_row():
+    bias = torch.randn(64)
+    vals = torch.zeros(0, 32, 32)
+    crow = torch.zeros(3, dtype=torch.int64)
+    col = torch.zeros(0, dtype=torch.int64)
+    y = linear(torch.zeros(5, 0), vals, crow, col, 64, bias)
+    torch.testing.assert_close(y, bias.expand(5, 64))
+    torch.testing.assert_close(y, ops.linear_reference(torch.zeros(5, 0), vals, crow, col, 64, bias))

@@ -10,6 +10,8 @@ with a C++ compiler (no GPU): each program in tests/host_sim/ is compiled and ru
 * sim_block_attention.cpp: the block-sparse attention kernels' work lists, cp.async /
   ldmatrix / mma fragment maps, masks, online softmax and backward, per CTA / warp / lane,
   against a float64 reference (quick mode here).
+* sim_bsr_linear.cpp: the BSR linear tensor-core kernels (forward, grad_input, grad_values),
+  their work lists / split rows / transposed index, per CTA / thread, exactly.
 * sim_sm80_meta.cpp: sm80_meta_word against CUTLASS's own host reorder_meta and
   uncompress (needs nvcc and the CUTLASS headers).
 * sim_sm90_meta.cpp: sm90_meta_byte against CuTe's layout of the sm90 sparse config the
@@ -76,6 +78,7 @@ def _run(cmd: list[str], exe: Path, args: list[str] = ()) -> str:
         ("sim_small_m", "SIMULATION PASSED", []),
         ("sim_pack", "PACK SIMULATION PASSED", []),
         ("sim_block_attention", "SIMULATION PASSED", ["quick"]),  # (the full run: ~35 s more)
+        ("sim_bsr_linear", "SIMULATION PASSED", []),
     ],
 )
 def test_host_simulation(name, marker, args, tmp_path):
