@@ -168,8 +168,8 @@ Tensor linear_cpu(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t N, s
   const int64_t* clp = static_cast<const int64_t*>(lc.const_data_ptr());
   check_index_values(crp, clp, nbr, nbc, nnz, op);
   Tensor y = torch::stable::new_empty(xc, sizes_with_last(xc, N));
-  const int64_t M = K == 0 ? 1 : xc.numel() / K;
   if (y.numel() == 0) return y;
+  const int64_t M = y.numel() / N;  // (not x.numel() / K: K may be 0)
   std::vector<float> xb, vb, bb;
   Problem p = make_problem(Op::Forward, dt, crp, clp, M, N, K, nnz, bh, bw);
   p.a = as_compute(xc, dt, xb);
