@@ -2,7 +2,7 @@
 // autograd and the pure-torch references live in python/semisparse/ops/block_attention.py;
 // the CPU kernels in block_attention_cpu*.cpp). LibTorch stable ABI only.
 //
-// This file: the front end (argument checks mirroring block_attention_cpu.cpp, contiguous
+// This file: the front end (the argument checks of block_attention_checks.h, contiguous
 // copies, DeviceGuard, the current stream), the choice of kernel, the work-list builder of
 // the tensor-core path and the SIMT fallback kernels.
 //
@@ -51,6 +51,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "blocksparse/block_attention_checks.h"
 #include "blocksparse/block_attention_flash.cuh"
 #include "common/cuda_launch.cuh"
 #include "common/stable_tensor.h"
@@ -61,7 +62,6 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 using common::contig;
-using common::shape_str;
 namespace fl = semisparse::blockattn::flash;
 
 enum class DType { F32, BF16, F16, F64 };
@@ -78,71 +78,28 @@ std::string dev_str(const Tensor& t) {
   return t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : std::string("cpu");
 }
 
-// The checks of block_attention_cpu.cpp (same wording), for CUDA tensors.
+// The shared checks of block_attention_checks.h, for CUDA tensors on one device.
 Shape check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, int64_t block_q,
             int64_t block_k, double scale, bool causal) {
-  STD_TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, Hq, Lq, D], got shape ", shape_str(q));
-  STD_TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, Hkv, Lk, D], got shape ", shape_str(k));
-  STD_TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D [B, Hkv, Lk, Dv], got shape ", shape_str(v));
-  STD_TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && mask.is_cuda(), op,
-                  ": all tensors must be CUDA tensors for this kernel, got q on ", dev_str(q), ", k on ", dev_str(k),
-                  ", v on ", dev_str(v), ", block_mask on ", dev_str(mask));
-  const int32_t dev = q.get_device_index();
-  STD_TORCH_CHECK(k.get_device_index() == dev && v.get_device_index() == dev && mask.get_device_index() == dev, op,
-                  ": q, k, v and block_mask must be on one device, got ", dev_str(q), ", ", dev_str(k), ", ",
-                  dev_str(v), ", ", dev_str(mask));
   Shape s{};
-  s.dev = dev;
-  s.dt = common::dtype_of<DType>(q, op, ": q must be float32/bfloat16/float16/float64, got ");
-  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                  ": q, k and v must have the same dtype, got ", torch::headeronly::toString(q.scalar_type()), ", ",
-                  torch::headeronly::toString(k.scalar_type()), ", ", torch::headeronly::toString(v.scalar_type()));
-  s.B = q.size(0);
-  s.Hq = q.size(1);
-  s.Lq = q.size(2);
-  s.D = q.size(3);
-  s.Hkv = k.size(1);
-  s.Lk = k.size(2);
-  s.Dv = v.size(3);
-  STD_TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": batch sizes differ: q ", shape_str(q), ", k ",
-                  shape_str(k), ", v ", shape_str(v));
-  STD_TORCH_CHECK(k.size(3) == s.D, op, ": q and k head dims differ: q ", shape_str(q), ", k ", shape_str(k));
-  STD_TORCH_CHECK(v.size(1) == s.Hkv && v.size(2) == s.Lk, op, ": k and v must have the same [B, Hkv, Lk], got k ",
-                  shape_str(k), ", v ", shape_str(v));
-  STD_TORCH_CHECK(s.Hkv >= 1 && s.Hq % s.Hkv == 0, op, ": the number of query heads (", s.Hq,
-                  ") must be a multiple of the key/value heads (", s.Hkv, ")");
-  STD_TORCH_CHECK(block_q >= 1 && block_k >= 1, op, ": block sizes must be >= 1, got block_q=", block_q,
-                  ", block_k=", block_k);
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  STD_TORCH_CHECK(mask.scalar_type() == ScalarType::Bool, op, ": block_mask must be bool, got ",
-                  torch::headeronly::toString(mask.scalar_type()));
-  s.bq = block_q;
-  s.bk = block_k;
-  s.nqb = (s.Lq + block_q - 1) / block_q;
-  s.nkb = (s.Lk + block_k - 1) / block_k;
-  STD_TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == s.B) &&
-                      (mask.size(1) == 1 || mask.size(1) == s.Hq) && mask.size(2) == s.nqb && mask.size(3) == s.nkb,
-                  op, ": block_mask must have shape [", s.B, " or 1, ", s.Hq, " or 1, ceil(Lq/block_q) = ", s.nqb,
-                  ", ceil(Lk/block_k) = ", s.nkb, "], got ", shape_str(mask));
-  s.mB = mask.size(0);
-  s.mH = mask.size(1);
-  s.scale = scale;
-  s.causal = causal;
+  checks::check_shapes(s, op, q, k, v, mask, block_q, block_k, scale, causal, [&] {
+    STD_TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && mask.is_cuda(), op,
+                    ": all tensors must be CUDA tensors for this kernel, got q on ", dev_str(q), ", k on ",
+                    dev_str(k), ", v on ", dev_str(v), ", block_mask on ", dev_str(mask));
+    s.dev = q.get_device_index();
+    STD_TORCH_CHECK(k.get_device_index() == s.dev && v.get_device_index() == s.dev &&
+                        mask.get_device_index() == s.dev,
+                    op, ": q, k, v and block_mask must be on one device, got ", dev_str(q), ", ", dev_str(k), ", ",
+                    dev_str(v), ", ", dev_str(mask));
+  });
   return s;
 }
 
 void check_same(const char* op, const char* what, const Tensor& t, const std::vector<int64_t>& shape, int32_t dev) {
-  bool ok = t.dim() == int64_t(shape.size());
-  for (size_t d = 0; ok && d < shape.size(); ++d) ok = t.size(int64_t(d)) == shape[d];
-  std::string want = "(";
-  for (size_t d = 0; d < shape.size(); ++d) want += (d ? ", " : "") + std::to_string(shape[d]);
-  want += shape.size() == 1 ? ",)" : ")";
-  STD_TORCH_CHECK(ok, op, ": ", what, " must have shape ", want, ", got ", shape_str(t));
+  checks::check_same(op, what, t, shape);
   STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == dev, op, ": ", what, " must be on q's device cuda:", dev,
                   ", got ", dev_str(t));
 }
-
-ScalarType lse_type(const Shape& s) { return s.dt == DType::F64 ? ScalarType::Double : ScalarType::Float; }
 
 // ------------------------------------------------------------------ kernel choice
 enum class Forced { kAuto, kFlash, kSimt };
@@ -559,7 +516,7 @@ std::tuple<Tensor, Tensor> forward_cuda(Tensor q, Tensor k, Tensor v, Tensor blo
   const cudaStream_t stream = common::current_stream(s.dev);
   Tensor qc = contig(q), kc = contig(k), vc = contig(v), mc = contig(block_mask);
   Tensor out = torch::stable::new_empty(qc, {s.B, s.Hq, s.Lq, s.Dv});
-  Tensor lse = torch::stable::new_empty(qc, {s.B, s.Hq, s.Lq}, lse_type(s));
+  Tensor lse = torch::stable::new_empty(qc, {s.B, s.Hq, s.Lq}, checks::lse_type(s));
   if (s.B * s.Hq * s.Lq == 0) return {out, lse};
 
   const Forced forced = forced_kernel();
@@ -585,7 +542,8 @@ std::tuple<Tensor, Tensor> forward_cuda(Tensor q, Tensor k, Tensor v, Tensor blo
     }
   }
   SimtParams p = simt_params(s);
-  Tensor scratch = torch::stable::new_empty(qc, {std::max<int64_t>(s.B * s.Hq * s.Lq * s.Dv, 1)}, lse_type(s));
+  Tensor scratch =
+      torch::stable::new_empty(qc, {std::max<int64_t>(s.B * s.Hq * s.Lq * s.Dv, 1)}, checks::lse_type(s));
   p.q = qc.const_data_ptr();
   p.k = kc.const_data_ptr();
   p.v = vc.const_data_ptr();
@@ -610,13 +568,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(Tensor grad_out, Tensor q, Tens
   check_same(op, "grad_out", grad_out, {s.B, s.Hq, s.Lq, s.Dv}, s.dev);
   check_same(op, "out", out, {s.B, s.Hq, s.Lq, s.Dv}, s.dev);
   check_same(op, "lse", lse, {s.B, s.Hq, s.Lq}, s.dev);
-  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-                  ": grad_out and out must have q's dtype ", torch::headeronly::toString(q.scalar_type()), ", got ",
-                  torch::headeronly::toString(grad_out.scalar_type()), ", ",
-                  torch::headeronly::toString(out.scalar_type()));
-  STD_TORCH_CHECK(lse.scalar_type() == lse_type(s), op, ": lse must be ",
-                  s.dt == DType::F64 ? "float64" : "float32", ", got ",
-                  torch::headeronly::toString(lse.scalar_type()));
+  checks::check_backward_dtypes(s, op, q, grad_out, out, lse);
   torch::stable::accelerator::DeviceGuard guard(s.dev);
   const cudaStream_t stream = common::current_stream(s.dev);
   Tensor qc = contig(q), kc = contig(k), vc = contig(v), mc = contig(block_mask);
@@ -667,7 +619,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(Tensor grad_out, Tensor q, Tens
     }
   }
   SimtParams p = simt_params(s);
-  const ScalarType at = lse_type(s);
+  const ScalarType at = checks::lse_type(s);
   Tensor dsum = torch::stable::new_empty(qc, {s.B * s.Hq * s.Lq}, at);
   Tensor s1 = torch::stable::new_empty(qc, {std::max<int64_t>(s.B * s.Hq * s.Lq * s.D, 1)}, at);
   Tensor s2 = torch::stable::new_empty(qc, {std::max<int64_t>(s.B * s.Hkv * s.Lk * (s.D + s.Dv), 1)}, at);

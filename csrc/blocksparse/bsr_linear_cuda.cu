@@ -1,6 +1,6 @@
 // CUDA implementations of the semisparse::bsr_linear* ops (schemas, fakes, autograd and the
-// pure-torch references: python/semisparse/ops/bsr.py; CPU kernels: bsr_linear_cpu.cpp,
-// whose argument checks and messages this front end mirrors). LibTorch stable ABI only.
+// pure-torch references: python/semisparse/ops/bsr.py; CPU kernels: bsr_linear_cpu.cpp;
+// argument checks shared with it: bsr_linear_checks.h). LibTorch stable ABI only.
 //
 //   op                       fast path (fp16 / bf16, bh and bw in {16, 32, 64},    otherwise
 //                            16-byte aligned operands)
@@ -49,6 +49,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "blocksparse/bsr_linear_checks.h"
 #include "blocksparse/bsr_linear_mma.cuh"
 #include "common/cuda_launch.cuh"
 #include "common/stable_tensor.h"
@@ -58,6 +59,8 @@ namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
+using checks::leading;
+using checks::sizes_with_last;
 using common::contig;
 
 enum class DType { F32, BF16, F16, F64 };
@@ -403,71 +406,25 @@ int sm_count(int device) {
   return n;
 }
 
-DType to_dtype(const Tensor& t, const char* what) {
-  return common::dtype_of<DType>(t, "semisparse: ", what, " must be float32, bfloat16, float16 (or float64), got ");
-}
-
-void check_cuda(const Tensor& t, const char* op, const char* what) {
-  STD_TORCH_CHECK(t.is_cuda(), "semisparse::", op, ": ", what, " must be a CUDA tensor for this kernel");
-}
-
-void check_device(const Tensor& t, int32_t dev, const char* op, const char* what, const char* ref) {
-  STD_TORCH_CHECK(t.get_device_index() == dev, "semisparse::", op, ": ", what, " is on cuda:", t.get_device_index(),
-                  " but ", ref, " is on cuda:", dev);
-}
-
-void check_same_dtype(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
-  STD_TORCH_CHECK(a.scalar_type() == b.scalar_type(), "semisparse::", op, ": ", an, " has dtype ",
-                  torch::headeronly::toString(a.scalar_type()), " but ", bn, " has ",
-                  torch::headeronly::toString(b.scalar_type()));
-}
-
-struct Blocks {
-  DType dt;
-  int64_t nnz, bh, bw;
+// The CUDA side of the shared checks (bsr_linear_checks.h): every operand a CUDA tensor on
+// cuda:dev, the device of the reference operand ref.
+struct OnCuda {
+  int32_t dev;
+  const char* ref;
+  void on(const Tensor& t, const char* op, const char* what) const {
+    STD_TORCH_CHECK(t.is_cuda(), "semisparse::", op, ": ", what, " must be a CUDA tensor for this kernel");
+  }
+  void same(const Tensor& t, const char* op, const char* what) const {
+    STD_TORCH_CHECK(t.get_device_index() == dev, "semisparse::", op, ": ", what, " is on cuda:",
+                    t.get_device_index(), " but ", ref, " is on cuda:", dev);
+  }
 };
 
-Blocks check_values(const Tensor& a, const Tensor& values, const char* op, const char* an) {
-  check_cuda(a, op, an);
-  check_cuda(values, op, "values");
-  STD_TORCH_CHECK(values.dim() == 3, "semisparse::", op, ": values must be 3-D [nnz, bh, bw], got ", values.dim(),
-                  " dims");
-  const DType dt = to_dtype(values, "values");
-  check_same_dtype(a, values, op, an, "values");
-  check_device(a, values.get_device_index(), op, an, "values");
-  const Blocks b{dt, values.size(0), values.size(1), values.size(2)};
-  STD_TORCH_CHECK(b.bh > 0 && b.bw > 0, "semisparse::", op, ": empty block shape");
-  return b;
-}
-
-std::vector<int64_t> sizes_with_last(const Tensor& t, int64_t last) {
-  std::vector<int64_t> s;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) s.push_back(t.size(d));
-  s.push_back(last);
-  return s;
-}
-
-int64_t leading(const Tensor& t) {
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) m *= t.size(d);
-  return m;
-}
-
-void check_index(const Tensor& crow, const Tensor& col, int64_t nbr, int64_t nbc, int64_t nnz, int32_t dev,
-                 const char* op, const char* ref) {
-  check_cuda(crow, op, "crow_indices");
-  check_cuda(col, op, "col_indices");
-  STD_TORCH_CHECK(crow.dim() == 1 && crow.scalar_type() == ScalarType::Long, "semisparse::", op,
-                  ": crow_indices must be a 1-D int64 tensor");
-  STD_TORCH_CHECK(col.dim() == 1 && col.scalar_type() == ScalarType::Long, "semisparse::", op,
-                  ": col_indices must be a 1-D int64 tensor");
-  STD_TORCH_CHECK(crow.size(0) == nbr + 1, "semisparse::", op, ": crow_indices must have ", nbr + 1,
-                  " entries (block rows + 1), got ", crow.size(0));
-  STD_TORCH_CHECK(col.size(0) == nnz, "semisparse::", op, ": col_indices has ", col.size(0), " entries but there are ",
-                  nnz, " blocks");
-  check_device(crow, dev, op, "crow_indices", ref);
-  check_device(col, dev, op, "col_indices", ref);
-  // what the shapes alone decide (crow must run from 0 to nnz; col must lie in [0, nbc))
+// The shared index checks, then what the shapes alone decide about the index values (crow
+// must run from 0 to nnz; col must lie in [0, nbc)) and the int32 limits of the kernels.
+void check_index(const Tensor& crow, const Tensor& col, int64_t nbr, int64_t nbc, int64_t nnz, const char* op,
+                 const OnCuda& place) {
+  checks::check_index(crow, col, nbr, nnz, op, place);
   STD_TORCH_CHECK(nbr > 0 || nnz == 0, "semisparse::", op, ": crow_indices must start at 0 and end at nnz=", nnz,
                   ", but there are no block rows");
   STD_TORCH_CHECK(nbc > 0 || nnz == 0, "semisparse::", op, ": col_indices[0] is out of range [0, 0) (no block columns)");
@@ -487,13 +444,7 @@ void check_index_values(const Tensor& crow, const Tensor& col, int64_t nbr, int6
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   STD_TORCH_CHECK(err == cudaSuccess, "semisparse::", op, ": could not copy the indices to check them: ",
                   cudaGetErrorString(err));
-  STD_TORCH_CHECK(cr[0] == 0 && cr[nbr] == nnz, "semisparse::", op, ": crow_indices must start at 0 and end at nnz=",
-                  nnz, ", got ", cr[0], " .. ", cr[nbr]);
-  for (int64_t r = 0; r < nbr; ++r)
-    STD_TORCH_CHECK(cr[r] <= cr[r + 1], "semisparse::", op, ": crow_indices must be non-decreasing (block row ", r, ")");
-  for (int64_t b = 0; b < nnz; ++b)
-    STD_TORCH_CHECK(cl[b] >= 0 && cl[b] < nbc, "semisparse::", op, ": col_indices[", b, "] = ", cl[b],
-                    " is out of range [0, ", nbc, ")");
+  checks::check_index_values(cr.data(), cl.data(), nbr, nbc, nnz, op);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -578,22 +529,13 @@ Csc build_csc(int32_t* base, const int64_t* crow, const int64_t* col, int64_t nb
 // ================================================================== the ops
 Tensor linear_cuda(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t N, std::optional<Tensor> bias) {
   const char* op = "bsr_linear";
-  const auto [dt, nnz, bh, bw] = check_values(x, values, op, "x");
-  STD_TORCH_CHECK(N >= 0 && N % bh == 0, "semisparse::", op, ": out_features=", N,
-                  " is not a multiple of the block height ", bh);
-  STD_TORCH_CHECK(x.dim() >= 1, "semisparse::", op, ": x must have at least 1 dim");
-  const int64_t K = x.size(x.dim() - 1);
-  STD_TORCH_CHECK(K % bw == 0, "semisparse::", op, ": x must end in K features, a multiple of the block width ", bw,
-                  ", got ", K);
+  const OnCuda place{values.get_device_index(), "values"};
+  const auto [dt, nnz, bh, bw] = checks::check_values<DType>(x, values, op, "x", place);
+  const int64_t K = checks::linear_in_features(x, N, bh, bw, op);
   const int64_t nbr = N / bh, nbc = K / bw;
-  const int32_t dev = values.get_device_index();
-  check_index(crow, col, nbr, nbc, nnz, dev, op, "values");
-  if (bias.has_value()) {
-    check_cuda(*bias, op, "bias");
-    check_same_dtype(*bias, values, op, "bias", "values");
-    check_device(*bias, dev, op, "bias", "values");
-    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "semisparse::", op, ": bias must have shape [", N, "]");
-  }
+  const int32_t dev = place.dev;
+  check_index(crow, col, nbr, nbc, nnz, op, place);
+  if (bias.has_value()) checks::check_bias(*bias, values, N, op, place);
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = common::current_stream(dev);
   Tensor xc = contig(x), vc = contig(values), cc = contig(crow), lc = contig(col);
@@ -663,16 +605,12 @@ Tensor linear_cuda(Tensor x, Tensor values, Tensor crow, Tensor col, int64_t N, 
 
 Tensor grad_input_cuda(Tensor gy, Tensor values, Tensor crow, Tensor col, int64_t K) {
   const char* op = "bsr_linear_grad_input";
-  const auto [dt, nnz, bh, bw] = check_values(gy, values, op, "grad_y");
-  STD_TORCH_CHECK(gy.dim() >= 1, "semisparse::", op, ": grad_y must have at least 1 dim");
-  const int64_t N = gy.size(gy.dim() - 1);
-  STD_TORCH_CHECK(N % bh == 0, "semisparse::", op, ": grad_y must end in N features, a multiple of the block height ",
-                  bh, ", got ", N);
-  STD_TORCH_CHECK(K >= 0 && K % bw == 0, "semisparse::", op, ": in_features=", K,
-                  " is not a multiple of the block width ", bw);
+  const OnCuda place{values.get_device_index(), "values"};
+  const auto [dt, nnz, bh, bw] = checks::check_values<DType>(gy, values, op, "grad_y", place);
+  const int64_t N = checks::grad_input_out_features(gy, K, bh, bw, op);
   const int64_t nbr = N / bh, nbc = K / bw;
-  const int32_t dev = values.get_device_index();
-  check_index(crow, col, nbr, nbc, nnz, dev, op, "values");
+  const int32_t dev = place.dev;
+  check_index(crow, col, nbr, nbc, nnz, op, place);
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = common::current_stream(dev);
   Tensor gc = contig(gy), vc = contig(values), cc = contig(crow), lc = contig(col);
@@ -745,24 +683,10 @@ Tensor grad_input_cuda(Tensor gy, Tensor values, Tensor crow, Tensor col, int64_
 
 Tensor grad_values_cuda(Tensor gy, Tensor x, Tensor crow, Tensor col, int64_t bh, int64_t bw) {
   const char* op = "bsr_linear_grad_values";
-  check_cuda(gy, op, "grad_y");
-  check_cuda(x, op, "x");
-  STD_TORCH_CHECK(bh > 0 && bw > 0, "semisparse::", op, ": block shape must be positive, got (", bh, ", ", bw, ")");
-  const DType dt = to_dtype(x, "x");
-  check_same_dtype(gy, x, op, "grad_y", "x");
-  const int32_t dev = x.get_device_index();
-  check_device(gy, dev, op, "grad_y", "x");
-  STD_TORCH_CHECK(gy.dim() >= 1 && x.dim() == gy.dim(), "semisparse::", op,
-                  ": grad_y and x must have the same number of dims (>= 1)");
-  for (int64_t d = 0; d + 1 < x.dim(); ++d)
-    STD_TORCH_CHECK(x.size(d) == gy.size(d), "semisparse::", op, ": grad_y and x differ in leading dim ", d);
-  const int64_t N = gy.size(gy.dim() - 1), K = x.size(x.dim() - 1);
-  STD_TORCH_CHECK(N % bh == 0, "semisparse::", op, ": N=", N, " is not a multiple of the block height ", bh);
-  STD_TORCH_CHECK(K % bw == 0, "semisparse::", op, ": K=", K, " is not a multiple of the block width ", bw);
-  const int64_t nbr = N / bh, nbc = K / bw;
-  STD_TORCH_CHECK(col.dim() == 1, "semisparse::", op, ": col_indices must be 1-D");
-  const int64_t nnz = col.size(0);
-  check_index(crow, col, nbr, nbc, nnz, dev, op, "x");
+  const OnCuda place{x.get_device_index(), "x"};
+  const auto [dt, N, K, nbr, nbc, nnz] = checks::check_grad_values<DType>(gy, x, col, bh, bw, op, place);
+  const int32_t dev = place.dev;
+  check_index(crow, col, nbr, nbc, nnz, op, place);
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = common::current_stream(dev);
   Tensor gc = contig(gy), xc = contig(x), cc = contig(crow), lc = contig(col);

@@ -36,18 +36,7 @@
 
 using namespace semisparse::blockattn::flash;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      if (failures < 30) {                                 \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
-        std::printf(__VA_ARGS__);                          \
-        std::printf("\n");                                 \
-      }                                                    \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
+#include "sim_check.h"
 
 // ------------------------------------------------------------ 16-bit float formats
 enum class Fmt { F16, BF16 };

@@ -30,23 +30,10 @@
 
 using namespace semisparse::bsr::cuda;
 
-static int failures = 0;
-static long checks = 0;
+#include "sim_check.h"
 // what the cases exercised (printed, and required to be non-zero)
 static long cov_split_ctas = 0, cov_last_arrivals = 0, cov_multi_pass = 0, cov_gv_split = 0, cov_kwarp = 0,
             cov_skipped_blocks = 0, cov_empty_items = 0, cov_partial_tiles = 0;
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    ++checks;                                              \
-    if (!(cond)) {                                         \
-      if (failures < 25) {                                 \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
-        std::printf(__VA_ARGS__);                          \
-        std::printf("\n");                                 \
-      }                                                    \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
 
 // ----------------------------------------------------------------- fp16 for small integers
 static uint16_t f2h(float f) {

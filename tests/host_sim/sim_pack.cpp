@@ -19,18 +19,7 @@
 using namespace semisparse::sparse24;
 using namespace semisparse::sparse24::pack;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                 \
-  do {                                                   \
-    if (!(cond)) {                                       \
-      if (failures < 20) {                               \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);                        \
-        std::printf("\n");                               \
-      }                                                  \
-      ++failures;                                        \
-    }                                                    \
-  } while (0)
+#include "sim_check.h"
 
 // ---- float views of raw bits (independent of the kernel's integer tricks)
 static double f16_val(uint16_t h) {

@@ -23,18 +23,7 @@
 using namespace semisparse::sparse24;
 using namespace semisparse::sparse24::small_m;
 
-static int failures = 0;
-#define CHECK(cond, ...)                            \
-  do {                                              \
-    if (!(cond)) {                                  \
-      if (failures < 20) {                          \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);                   \
-        std::printf("\n");                          \
-      }                                             \
-      ++failures;                                   \
-    }                                               \
-  } while (0)
+#include "sim_check.h"
 
 // fp16 bits <-> float for small integers and halves (exact)
 static uint16_t f2h(float f) {
