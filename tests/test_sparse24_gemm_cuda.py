@@ -201,7 +201,7 @@ def test_sparse_linear_on_cuda(dtype, m_rows):
     lin = torch.nn.Linear(512, 256).to(dtype)
     mod = SparseLinear.from_dense(lin).cuda()
     assert mod.layout == preferred_layout("cuda", dtype, 256, 512) != "cpu"
-    assert mod.meta_gpu is not None and mod.meta_gpu.is_cuda
+    assert mod.meta_gpu.numel() > 0 and mod.meta_gpu.is_cuda
     ref = SparseLinear.from_dense(lin)
     x = torch.randn(m_rows, 512).to(dtype)
     y = mod(x.cuda())
@@ -213,4 +213,4 @@ def test_sparse_linear_on_cuda(dtype, m_rows):
     f = torch.compile(mod, fullgraph=True)
     torch.testing.assert_close(f(x.cuda()).float(), mod(x.cuda()).float(), rtol=rtol, atol=atol)
     back = mod.cpu()
-    assert back.layout == "cpu" and back.meta_gpu is None
+    assert back.layout == "cpu" and back.meta_gpu.numel() == 0

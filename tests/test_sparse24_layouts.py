@@ -280,7 +280,7 @@ def test_sparse_linear_gpu_layout_path(layout, monkeypatch, tmp_path):
     ref = SparseLinear.from_dense(lin)
     monkeypatch.setattr(sl, "preferred_layout", lambda device, dtype, n, k: "cpu")
     ref._sync_layout()
-    assert ref.layout == "cpu" and ref.meta_gpu is None
+    assert ref.layout == "cpu" and ref.meta_gpu.numel() == 0
     monkeypatch.setattr(sl, "preferred_layout", lambda device, dtype, n, k: layout)
     mod = SparseLinear.from_dense(lin)
     assert mod.layout == layout
@@ -303,3 +303,32 @@ def test_sparse_linear_gpu_layout_path(layout, monkeypatch, tmp_path):
     assert back.layout == layout and torch.equal(back(x), mod(x))
     f = torch.compile(mod, backend="eager", fullgraph=True)
     torch.testing.assert_close(f(x), mod(x))
+
+
+def test_sparse_linear_torchscript():
+    mod = SparseLinear.from_dense(torch.nn.Linear(64, 32))
+    scripted = torch.jit.script(mod)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(scripted(x), mod(x))
+
+
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_sparse24_to_float32_leaves_the_gpu_layout(layout):
+    w = random_24(64, 128, torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    s = Sparse24.from_dense(w, layout=layout)
+    f = s.to(torch.float32)
+    assert f.layout == "cpu" and f.dtype == torch.float32
+    assert torch.equal(f.to_dense(), s.to_dense().float())
+    assert s.to(torch.float16).layout == layout
+
+
+def test_sparse_linear_meta_edit_then_sync(monkeypatch):
+    import semisparse.nn.sparse_linear as sl
+
+    monkeypatch.setattr(sl, "preferred_layout", lambda device, dtype, n, k: "cutlass_sm80")
+    mod = SparseLinear.from_dense(torch.nn.Linear(64, 32).half())
+    other = SparseLinear.from_dense(torch.nn.Linear(64, 32).half())
+    with torch.no_grad():
+        mod.meta.copy_(other.meta)
+    mod._sync_layout()
+    assert torch.equal(mod.meta_gpu, ops.meta_from_cpu(other.meta, "cutlass_sm80", 32, 64))

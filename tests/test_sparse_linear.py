@@ -89,7 +89,8 @@ def test_attributes():
     assert sl.values.shape == (6, 12) and sl.values.dtype == torch.float32
     assert sl.meta.shape == (6, 3) and sl.meta.dtype == torch.uint8
     assert {n for n, _ in sl.named_parameters()} == {"values", "bias"}
-    assert {n for n, _ in sl.named_buffers()} == {"meta"}
+    assert {n for n, _ in sl.named_buffers()} == {"meta", "meta_gpu"}  # (meta_gpu: non-persistent)
+    assert set(sl.state_dict()) == {"values", "bias", "meta"}
     assert sl.values.requires_grad and not sl.meta.requires_grad
     assert "in_features=24" in repr(sl) and "out_features=6" in repr(sl) and "2:4" in repr(sl)
     nb = SparseLinear.from_dense(nn.Linear(24, 6, bias=False))

@@ -67,6 +67,16 @@ __device__ __forceinline__ float act_f(float z, Activation a) {
   }
 }
 
+// (bias + activation in fp32; in fp64 for float64 outputs)
+__device__ __forceinline__ double act_f(double z, Activation a) {
+  switch (a) {
+    case Activation::kRelu: return z > 0.0 ? z : 0.0;
+    case Activation::kGelu: return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440));
+    case Activation::kSilu: return z / (1.0 + exp(-z));
+    default: return z;
+  }
+}
+
 template <class T>
 __device__ __forceinline__ float to_f(T v) {
   if constexpr (std::is_same_v<T, __half>) return __half2float(v);
@@ -86,9 +96,15 @@ template <class T>
 __global__ void bias_act_kernel(T* __restrict__ y, const T* __restrict__ bias, int64_t total, int64_t n, Activation act) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float z = to_f(y[i]);
-    if (bias != nullptr) z += to_f(bias[i % n]);
-    y[i] = from_f<T>(act_f(z, act));
+    if constexpr (std::is_same_v<T, double>) {
+      double z = y[i];
+      if (bias != nullptr) z += bias[i % n];
+      y[i] = act_f(z, act);
+    } else {
+      float z = to_f(y[i]);
+      if (bias != nullptr) z += to_f(bias[i % n]);
+      y[i] = from_f<T>(act_f(z, act));
+    }
   }
 }
 
@@ -105,6 +121,10 @@ void bias_act(Tensor& y, const std::optional<Tensor>& bias, int64_t n, Activatio
     case ScalarType::BFloat16:
       bias_act_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(y.mutable_data_ptr()),
                                                                static_cast<const __nv_bfloat16*>(b), total, n, act);
+      break;
+    case ScalarType::Double:
+      bias_act_kernel<double><<<grid, 256, 0, stream>>>(static_cast<double*>(y.mutable_data_ptr()),
+                                                        static_cast<const double*>(b), total, n, act);
       break;
     default:
       bias_act_kernel<float><<<grid, 256, 0, stream>>>(static_cast<float*>(y.mutable_data_ptr()),
@@ -135,8 +155,9 @@ Tensor mm_cuda(Tensor x, Tensor values, Tensor meta, std::string layout, std::op
                   ": x, values and meta must be on one device");
   STD_TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [N, K/2], got ", values.dim(), " dims");
   const ScalarType st = values.scalar_type();
-  STD_TORCH_CHECK(st == ScalarType::Half || st == ScalarType::BFloat16 || st == ScalarType::Float, op,
-                  ": on CUDA values must be float16, bfloat16 or float32, got ", torch::headeronly::toString(st));
+  STD_TORCH_CHECK(st == ScalarType::Half || st == ScalarType::BFloat16 || st == ScalarType::Float ||
+                      st == ScalarType::Double,
+                  op, ": values must be float16, bfloat16, float32 or float64, got ", torch::headeronly::toString(st));
   const int64_t N = values.size(0), K = 2 * values.size(1);
   check_layout_shape(l, N, K, st, op);
   check_layout_meta(l, meta, N, K, op);
@@ -210,7 +231,8 @@ Tensor mm_cuda(Tensor x, Tensor values, Tensor meta, std::string layout, std::op
     STD_TORCH_CHECK(forced == Forced::kAuto, op, ": SEMISPARSE_SPARSE24_KERNEL forces a kernel that does not fit (M=",
                     M, ", N=", N, ", K=", K, ", layout '", layout, "'): small-M: ", why_small, "; CUTLASS: ", why_big);
   }
-  // fallback: dense weight + cuBLAS, then bias + activation
+  // fallback: dense weight + cuBLAS (its output rounded to the dtype), then bias + activation
+  // (so for 16-bit types one more rounding than the fused kernels, as on the CPU)
   Tensor w = unpack_dense(values, meta, layout);
   Tensor x2 = torch::stable::view(xc, {M, K});
   Tensor y2 = torch::stable::matmul(x2, torch::stable::transpose(w, 0, 1));

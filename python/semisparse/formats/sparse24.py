@@ -178,10 +178,13 @@ class Sparse24:
         return self.values.numel() * self.values.element_size() + self.meta.numel() * self.meta.element_size()
 
     def to(self, *args, **kwargs) -> "Sparse24":
-        """Like ``Tensor.to``: a dtype applies to the values only; the metadata moves."""
+        """Like ``Tensor.to``: a dtype applies to the values only; the metadata moves. A dtype
+        the layout does not take (float32 / float64 for the GPU layouts) gives layout "cpu"."""
         values = self.values.to(*args, **kwargs)
-        meta = self.meta.to(device=values.device)
-        return Sparse24(values, meta, self.shape, self.layout)
+        layout, meta = self.layout, self.meta
+        if layout != "cpu" and values.dtype not in (torch.float16, torch.bfloat16):
+            layout, meta = "cpu", self.cpu_meta()
+        return Sparse24(values, meta.to(device=values.device), self.shape, layout)
 
     def __repr__(self) -> str:
         return (

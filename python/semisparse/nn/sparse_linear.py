@@ -27,7 +27,8 @@ class SparseLinear(nn.Module):
     On a CUDA device with float16 / bfloat16 weights the module also keeps the metadata in
     the GPU's layout (:func:`~semisparse.formats.sparse24.preferred_layout`; the
     non-persistent buffer ``meta_gpu``, rebuilt whenever the module moves or loads a state
-    dict) and runs the CUDA 2:4 kernels through ``semisparse::sparse24_mm``; the
+    dict; after editing ``meta`` in place, call ``_sync_layout()``) and runs the CUDA 2:4
+    kernels through ``semisparse::sparse24_mm``; the
     backward uses the dense transposed product for the input gradient and an SDDMM for
     the kept weights. ``layout`` says which layout the forward uses.
     """
@@ -51,7 +52,8 @@ class SparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.layout = "cpu"
-        self.register_buffer("meta_gpu", None, persistent=False)
+        # empty (not None) on the "cpu" layout, so TorchScript sees one type
+        self.register_buffer("meta_gpu", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
         self._sync_layout()
 
     def _sync_layout(self) -> None:
@@ -60,7 +62,7 @@ class SparseLinear(nn.Module):
         layout = preferred_layout(v.device, v.dtype, self.out_features, self.in_features)
         with torch.no_grad():
             self.meta_gpu = (
-                None if layout == "cpu"
+                torch.empty(0, dtype=torch.uint8, device=self.meta.device) if layout == "cpu"
                 else _ops.meta_from_cpu(self.meta.contiguous(), layout, self.out_features, self.in_features)
             )
         self.layout = layout
