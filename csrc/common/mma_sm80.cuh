@@ -1,7 +1,7 @@
 // The sm80-class PTX building blocks the tensor-core kernels share (small-M 2:4 GEMM, BSR
 // linear, block-sparse attention): shared-memory addresses, 16-byte cp.async with zero fill,
-// ldmatrix.x4 (plain and transposed) and mma.sync.m16n8k16 with fp32 accumulation for
-// fp16 / bf16. Device code only (include it inside a kernel file's device section); runs on
+// ldmatrix.x4 (plain and transposed), mma.sync.m16n8k16 with fp32 accumulation for
+// fp16 / bf16, and the fp32 <-> fp16 / bf16 conversions around them. Device code only (include it inside a kernel file's device section); runs on
 // sm_80 and newer (sm_90a included).
 #pragma once
 
@@ -57,6 +57,30 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// fp32 <-> T (round to nearest even), T = __half or __nv_bfloat16
+template <class T>
+__device__ __forceinline__ float to_f32(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+template <class T>
+__device__ __forceinline__ T from_f32(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+
+// (lo, hi) -> two T in one register, lo in the low half (round to nearest even).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
 }
 

@@ -242,27 +242,8 @@ struct Params {
   int act;
 };
 
-template <class T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <class T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
+using common::ptx::from_f32;  // (common/mma_sm80.cuh)
+using common::ptx::to_f32;
 using common::ptx::mma16816;  // (common/mma_sm80.cuh)
 
 // Values are read once: skip L1, and ask L2 to fetch the surrounding 256 bytes (the rest of
