@@ -172,9 +172,8 @@ def _check_compressed(values: torch.Tensor, meta: torch.Tensor, op: str) -> None
     )
 
 
-def _check_linear(x, values, meta, bias) -> None:
-    op = "sparse24_linear"
-    _check_compressed(values, meta, op)
+def _check_x_bias(x, values, bias, op: str) -> None:
+    """x [..., K] and bias [N] against the sparse weight's values [N, K/2]."""
     k = 2 * values.shape[1]
     torch._check(x.dim() >= 1 and x.shape[-1] == k, lambda: f"{op}: x must end in K={k} features, got shape {tuple(x.shape)}")
     torch._check(x.dtype == values.dtype, lambda: f"{op}: x has dtype {x.dtype} but the sparse weight has {values.dtype}")
@@ -182,6 +181,12 @@ def _check_linear(x, values, meta, bias) -> None:
     if bias is not None:
         torch._check(bias.dtype == values.dtype, lambda: f"{op}: bias has dtype {bias.dtype}, expected {values.dtype}")
         torch._check(tuple(bias.shape) == (values.shape[0],), lambda: f"{op}: bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
+        torch._check(bias.device == values.device, lambda: f"{op}: bias is on {bias.device} but the sparse weight is on {values.device}")
+
+
+def _check_linear(x, values, meta, bias) -> None:
+    _check_compressed(values, meta, "sparse24_linear")
+    _check_x_bias(x, values, bias, "sparse24_linear")
 
 
 # ------------------------------------------------- default (reference) kernels
@@ -388,14 +393,7 @@ def _check_mm(x, values, meta, layout, bias, activation) -> None:
     op = "sparse24_mm"
     torch._check(activation in ACTIVATIONS, lambda: f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_layout_meta(values, meta, layout, op)
-    k = 2 * values.shape[1]
-    torch._check(x.dim() >= 1 and x.shape[-1] == k, lambda: f"{op}: x must end in K={k} features, got shape {tuple(x.shape)}")
-    torch._check(x.dtype == values.dtype, lambda: f"{op}: x has dtype {x.dtype} but the sparse weight has {values.dtype}")
-    torch._check(x.device == values.device, lambda: f"{op}: x is on {x.device} but the sparse weight is on {values.device}")
-    if bias is not None:
-        torch._check(bias.dtype == values.dtype, lambda: f"{op}: bias has dtype {bias.dtype}, expected {values.dtype}")
-        torch._check(tuple(bias.shape) == (values.shape[0],), lambda: f"{op}: bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
-        torch._check(bias.device == values.device, lambda: f"{op}: bias is on {bias.device} but the sparse weight is on {values.device}")
+    _check_x_bias(x, values, bias, op)
 
 
 # ------------------------------------------------------------- references
